@@ -1,0 +1,130 @@
+"""Counters, events and the health score of a run.
+
+Every intervention is one :class:`Event` (step, kind, reason, numbers). Events are
+kept in a bounded buffer and logged under the ``stableopt`` logger, the first few
+of each kind and then every 100th, so a run that skips thousands of steps does not
+flood its log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from stableopt._checks import check_int
+
+__all__ = ["Event", "Monitor", "SEVERITY"]
+
+log = logging.getLogger(__name__)
+
+#: How much each outcome of a step costs the health score (0 = healthy step).
+SEVERITY: dict[str, float] = {
+    "ok": 0.0,
+    "emergency_clip": 0.5,
+    "skip": 1.0,
+    "rollback": 1.0,
+}
+
+_LOG_FIRST = 5
+_LOG_EVERY = 100
+
+
+@dataclass(frozen=True)
+class Event:
+    """One intervention.
+
+    Attributes:
+        step: the value of the ``steps`` counter when it happened (1 = first step).
+        kind: ``"skip"``, ``"rollback"``, ``"divergence"``, ... .
+        reason: a sentence saying why, with the numbers.
+        data: the numbers behind the decision, by name.
+    """
+
+    step: int
+    kind: str
+    reason: str
+    data: dict[str, float] = field(default_factory=dict)
+
+
+class Monitor:
+    """Counts steps and interventions, keeps recent events, and scores health.
+
+    Health is ``1 - mean(severity)`` over the last ``health_window`` steps, with
+    the severities in :data:`SEVERITY` (a skipped or rolled-back step costs 1, an
+    emergency clip 0.5, any other step 0). It is 1.0 before the first step.
+
+    Args:
+        max_events: how many recent events :meth:`events` keeps (default 256).
+        health_window: how many recent steps the health score reads (default 100).
+    """
+
+    COUNTERS = (
+        "steps",
+        "good_steps",
+        "skipped_steps",
+        "rollbacks",
+        "total_clips",
+        "emergency_clips",
+        "lr_changes",
+        "consecutive_failures",
+    )
+
+    def __init__(self, max_events: int = 256, health_window: int = 100) -> None:
+        self.max_events = check_int("max_events", max_events, minimum=1)
+        self.health_window = check_int("health_window", health_window, minimum=1)
+        self.counters: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
+        self._events: deque[Event] = deque(maxlen=self.max_events)
+        self._severities: deque[float] = deque(maxlen=self.health_window)
+        self._kind_counts: dict[str, int] = {}
+
+    def count(self, name: str, amount: int = 1) -> None:
+        """Add ``amount`` to counter ``name``."""
+        self.counters[name] = self.counters.get(name, 0) + amount
+
+    def record_step(self, outcome: str) -> None:
+        """Record one finished step whose outcome is a key of :data:`SEVERITY`."""
+        self._severities.append(SEVERITY[outcome])
+        if outcome in ("skip", "rollback"):
+            self.count("consecutive_failures")
+        else:
+            self.counters["consecutive_failures"] = 0
+
+    def event(self, kind: str, reason: str, **data: float) -> Event:
+        """Record an event and log it (rate-limited per kind)."""
+        event = Event(self.counters["steps"], kind, reason, dict(data))
+        self._events.append(event)
+        seen = self._kind_counts.get(kind, 0) + 1
+        self._kind_counts[kind] = seen
+        if seen <= _LOG_FIRST or seen % _LOG_EVERY == 0:
+            suffix = f" ({seen} {kind} events so far)" if seen > _LOG_FIRST else ""
+            log.warning("step %d: %s: %s%s", event.step, kind, reason, suffix)
+        return event
+
+    def events(self) -> list[Event]:
+        """The recent events, oldest first."""
+        return list(self._events)
+
+    @property
+    def health(self) -> float:
+        """The health score in [0, 1]."""
+        if not self._severities:
+            return 1.0
+        return max(0.0, 1.0 - sum(self._severities) / len(self._severities))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters, recent severities and events as plain data."""
+        return {
+            "counters": dict(self.counters),
+            "severities": list(self._severities),
+            "events": [asdict(e) for e in self._events],
+            "kind_counts": dict(self._kind_counts),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.counters = dict.fromkeys(self.COUNTERS, 0) | dict(state_dict["counters"])
+        self._severities = deque(state_dict["severities"], maxlen=self.health_window)
+        self._events = deque((Event(**e) for e in state_dict["events"]), maxlen=self.max_events)
+        self._kind_counts = dict(state_dict["kind_counts"])

@@ -1,0 +1,188 @@
+"""Snapshots of the parameters and the inner optimizer state, and restoring them.
+
+A snapshot is taken of a state already verified to be finite, every
+``every_steps`` good steps, into buffers allocated once and reused. Restoring
+copies the values back into the same tensor objects (parameters, and optimizer
+state tensors where their shape still matches), so nothing that holds a
+reference to them goes stale.
+
+Memory: one copy of every parameter plus every tensor of the inner optimizer's
+state, on ``device`` (``"cpu"``, the default, costs no accelerator memory;
+``"same"`` keeps it beside the parameters for faster snapshots). For AdamW
+that is 3x the parameter bytes (weights, ``exp_avg``, ``exp_avg_sq``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from stableopt._checks import check_choice, check_int
+
+__all__ = ["Rollback"]
+
+log = logging.getLogger(__name__)
+
+_DEVICES = ("cpu", "same")
+
+
+class Rollback:
+    """Keep a last-good snapshot and restore it when a step corrupts the weights.
+
+    Args:
+        every_steps: take a snapshot after every ``every_steps``-th good step
+            (default 100; ``>= 1``). A rollback loses at most this many steps.
+        device: ``"cpu"`` (default; pinned host memory when the parameters are on
+            CUDA, copies are non-blocking) or ``"same"`` (beside each parameter).
+        in_state_dict: include the snapshot in ``state_dict()`` (default
+            ``False``). Without it, a checkpoint stays the size of the inner
+            optimizer's and the loaded state becomes the snapshot; with it, a
+            rollback after resuming lands on exactly the snapshot an
+            uninterrupted run would use.
+    """
+
+    def __init__(self, every_steps: int = 100, device: str = "cpu", in_state_dict: bool = False) -> None:
+        self.every_steps = check_int("every_steps", every_steps, minimum=1)
+        self.device = check_choice("device", device, _DEVICES)
+        if not isinstance(in_state_dict, bool):
+            raise TypeError(f"in_state_dict must be a bool, got {in_state_dict!r}")
+        self.in_state_dict = in_state_dict
+        self.snapshot_step: int | None = None
+        self._params: list[Tensor] = []
+        self._state: list[dict[str, Any] | None] = []
+
+    @property
+    def has_snapshot(self) -> bool:
+        """Whether a snapshot exists to restore."""
+        return self.snapshot_step is not None
+
+    def is_due(self, good_steps: int) -> bool:
+        """Whether the state after ``good_steps`` good steps should be snapshotted."""
+        return good_steps % self.every_steps == 0
+
+    def invalidate(self) -> None:
+        """Forget the snapshot (the parameter set or the state changed under it)."""
+        self.snapshot_step = None
+
+    @torch.no_grad()
+    def take(self, optimizer: Optimizer, step: int) -> None:
+        """Copy every parameter and its optimizer state into the snapshot buffers."""
+        params = _all_params(optimizer)
+        if len(self._params) != len(params):
+            self._params, self._state = [], [None] * len(params)
+        self._params = [
+            self._copy_into(self._params[i] if self._params else None, p) for i, p in enumerate(params)
+        ]
+        self._state = [self._copy_state(self._state[i], optimizer.state.get(p)) for i, p in enumerate(params)]
+        self.snapshot_step = step
+
+    @torch.no_grad()
+    def restore(self, optimizer: Optimizer) -> None:
+        """Copy the snapshot back into the parameters and the optimizer state."""
+        if self.snapshot_step is None:
+            raise RuntimeError("no snapshot to restore")
+        params = _all_params(optimizer)
+        if len(params) != len(self._params):
+            raise RuntimeError("the parameter set changed since the snapshot was taken")
+        for p, saved in zip(params, self._params):
+            p.copy_(saved, non_blocking=True)
+        for p, saved_state in zip(params, self._state):
+            if saved_state is None:
+                optimizer.state.pop(p, None)
+                continue
+            live = optimizer.state[p]
+            for key in [k for k in live if k not in saved_state]:
+                del live[key]
+            for key, value in saved_state.items():
+                live[key] = _restore_value(live.get(key), value)
+
+    def _copy_into(self, buffer: Tensor | None, source: Tensor) -> Tensor:
+        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
+            if self.device == "cpu":
+                buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
+            else:
+                buffer = torch.empty_like(source)
+        buffer.copy_(source.detach(), non_blocking=True)
+        return buffer
+
+    def _copy_state(self, old: dict[str, Any] | None, state: dict[str, Any] | None) -> dict[str, Any] | None:
+        if not state:
+            return None
+        old = old or {}
+        copied: dict[str, Any] = {}
+        for key, value in state.items():
+            if isinstance(value, Tensor):
+                previous = old.get(key)
+                buffer = previous.buffer if isinstance(previous, _SavedTensor) else None
+                copied[key] = _SavedTensor(self._copy_into(buffer, value), value.device)
+            else:
+                copied[key] = value
+        return copied
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings, the step of the snapshot, and the snapshot itself when ``in_state_dict``."""
+        state: dict[str, Any] = {"every_steps": self.every_steps, "snapshot_step": self.snapshot_step}
+        if self.in_state_dict and self.snapshot_step is not None:
+            state["params"] = [t.to("cpu", copy=True) for t in self._params]
+            state["state"] = [
+                None
+                if s is None
+                else {
+                    k: ({"tensor": v.buffer.to("cpu", copy=True), "device": str(v.device)} if isinstance(v, _SavedTensor) else v)
+                    for k, v in s.items()
+                }
+                for s in self._state
+            ]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any], optimizer: Optimizer) -> None:
+        """Restore the snapshot if the state dict carries one; otherwise forget the old one."""
+        self.invalidate()
+        if "params" not in state_dict:
+            return
+        params = _all_params(optimizer)
+        if len(state_dict["params"]) != len(params):
+            raise ValueError(
+                f"the rollback snapshot holds {len(state_dict['params'])} parameters, "
+                f"the optimizer has {len(params)}"
+            )
+        self._params = [self._copy_into(None, t.to(p.device)) for t, p in zip(state_dict["params"], params)]
+        self._state = [
+            None
+            if s is None
+            else {
+                k: (
+                    _SavedTensor(self._copy_into(None, v["tensor"].to(v["device"])), torch.device(v["device"]))
+                    if isinstance(v, dict) and "tensor" in v
+                    else v
+                )
+                for k, v in s.items()
+            }
+            for s in state_dict["state"]
+        ]
+        self.snapshot_step = state_dict["snapshot_step"]
+
+    def __repr__(self) -> str:
+        return f"Rollback(every_steps={self.every_steps}, device={self.device!r}, in_state_dict={self.in_state_dict})"
+
+
+class _SavedTensor(NamedTuple):
+    buffer: Tensor
+    device: torch.device  # where the live tensor lives (Adam keeps ``step`` on the CPU)
+
+
+def _restore_value(current: Any, saved: Any) -> Any:
+    if not isinstance(saved, _SavedTensor):
+        return saved
+    if isinstance(current, Tensor) and current.shape == saved.buffer.shape and current.dtype == saved.buffer.dtype:
+        current.copy_(saved.buffer, non_blocking=True)
+        return current
+    return saved.buffer.to(saved.device, copy=True)
+
+
+def _all_params(optimizer: Optimizer) -> list[Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]

@@ -1,0 +1,91 @@
+"""Gradient and weight statistics in multi-tensor (foreach) kernels.
+
+Every number the pipeline decides on is computed here, so this is the one place
+where a reduction over shards or ranks belongs. The arithmetic of
+:func:`total_norm` and :func:`scale_` is the same as
+``torch.nn.utils.clip_grad_norm_`` (per device and dtype ``_foreach_norm``, a
+stacked vector norm, one ``_foreach_mul_``), so a fixed clip through stableopt is
+bit-identical to it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
+
+__all__ = ["GradStats", "all_finite", "grad_stats", "scale_", "total_norm"]
+
+
+class GradStats(NamedTuple):
+    """Statistics of one step's gradients, all 0-dim tensors on the first gradient's device.
+
+    Attributes:
+        grad_norm: total L2 norm of all gradients (pre-clip).
+        is_finite: ``True`` when every gradient value is finite. Derived from the norm
+            (a NaN or Inf anywhere makes the norm non-finite), so it costs no extra pass;
+            a finite gradient whose norm overflows the dtype also counts as non-finite.
+    """
+
+    grad_norm: Tensor
+    is_finite: Tensor
+
+
+def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
+    grouped = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
+    return [(device, group[0]) for (device, _), (group, _) in grouped.items()]
+
+
+def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:
+    norms: list[Tensor] = []
+    for device, group in _by_device_and_dtype(tensors):
+        if _has_foreach_support(group, device):
+            norms.extend(torch._foreach_norm(group, ord))
+        else:
+            norms.extend(torch.linalg.vector_norm(t, ord) for t in group)
+    return norms
+
+
+@torch.no_grad()
+def total_norm(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
+    """Total L2 norm of ``tensors``, computed exactly as ``clip_grad_norm_`` does."""
+    if not tensors:
+        return torch.zeros((), device=device)
+    first_device = tensors[0].device
+    norms = _norms(tensors, 2.0)
+    return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
+
+
+@torch.no_grad()
+def grad_stats(grads: list[Tensor], device: torch.device | None = None) -> GradStats:
+    """Total norm and finite flag of ``grads`` in one foreach pass."""
+    grad_norm = total_norm(grads, device)
+    return GradStats(grad_norm=grad_norm, is_finite=torch.isfinite(grad_norm))
+
+
+@torch.no_grad()
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool tensor: every value of every tensor is finite.
+
+    Uses the max-abs norm, which propagates NaN and Inf but, unlike the L2 norm,
+    cannot overflow on large finite values.
+    """
+    if not tensors:
+        return torch.ones((), dtype=torch.bool)
+    first_device = tensors[0].device
+    norms = _norms(tensors, float("inf"))
+    return torch.isfinite(torch.stack([n.to(first_device, torch.float32) for n in norms])).all()
+
+
+@torch.no_grad()
+def scale_(tensors: list[Tensor], factor: Tensor) -> None:
+    """Multiply every tensor in place by the 0-dim tensor ``factor`` (no host sync)."""
+    for device, group in _by_device_and_dtype(tensors):
+        device_factor = factor.to(device)
+        if _has_foreach_support(group, device):
+            torch._foreach_mul_(group, device_factor)
+        else:
+            for t in group:
+                t.mul_(device_factor)
