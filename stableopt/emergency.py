@@ -43,7 +43,9 @@ class EmergencyClip:
         self.factor = check_float("factor", factor, minimum=0.0, maximum=1.0, inclusive_min=False)
         self.cooldown_steps = check_int("cooldown_steps", cooldown_steps, minimum=0)
         if skip_above is not None:
-            skip_above = check_float("skip_above", skip_above, minimum=self.threshold, inclusive_min=False)
+            skip_above = check_float(
+                "skip_above", skip_above, minimum=self.threshold, inclusive_min=False
+            )
         self.skip_above = skip_above
         self._cooldown_left: Tensor | None = None
 
@@ -104,5 +106,3 @@ class EmergencyClip:
             f"EmergencyClip(threshold={self.threshold:g}, factor={self.factor:g}, "
             f"cooldown_steps={self.cooldown_steps}, skip_above={skip})"
         )
-
-

@@ -107,7 +107,9 @@ class SafeOptimizer(Optimizer):
         if emergency == "default":
             emergency = EmergencyClip()
         elif emergency is not None and not isinstance(emergency, EmergencyClip):
-            raise TypeError(f"emergency must be an EmergencyClip, 'default' or None, got {emergency!r}")
+            raise TypeError(
+                f"emergency must be an EmergencyClip, 'default' or None, got {emergency!r}"
+            )
         if rollback == "default":
             rollback = Rollback()
         elif rollback is not None and not isinstance(rollback, Rollback):
@@ -195,8 +197,10 @@ class SafeOptimizer(Optimizer):
 
         stats = grad_stats(grads)
         decision = self._clip_decision(stats, grads, params)
-        is_ok = stats.is_finite if decision is None or decision.is_garbage is None else (
-            stats.is_finite & ~decision.is_garbage
+        is_ok = (
+            stats.is_finite
+            if decision is None or decision.is_garbage is None
+            else (stats.is_finite & ~decision.is_garbage)
         )
         is_fused = self._takes_found_inf(len(params))
 
@@ -218,15 +222,17 @@ class SafeOptimizer(Optimizer):
         step_ok, weights_ok_, *clip_flags = (
             bool(x) for x in torch.stack([f.to(device) for f in flags]).tolist()
         )  # the one host read after the update
-        if not step_ok:
-            self._finish_skip(stats, decision)
-        elif not weights_ok_:
+        if not weights_ok_:  # checked first: a skipped fused step must not have written either
             self._finish_rollback(stats)
+        elif not step_ok:
+            self._finish_skip(stats, decision)
         else:
             self._finish_good_step(stats, decision, *clip_flags)
         return loss
 
-    def _clip_decision(self, stats: GradStats, grads: list[Tensor], params: list[Tensor]) -> ClipDecision | None:
+    def _clip_decision(
+        self, stats: GradStats, grads: list[Tensor], params: list[Tensor]
+    ) -> ClipDecision | None:
         self._last_grad_norm = stats.grad_norm
         if self.clip is None:
             self._last_threshold = None
@@ -295,7 +301,9 @@ class SafeOptimizer(Optimizer):
         grad_norm = float(stats.grad_norm)
         if math.isfinite(grad_norm):
             assert self.emergency is not None and self.emergency.skip_above is not None
-            cause = f"gradient norm {grad_norm:.4g} is above skip_above={self.emergency.skip_above:g}"
+            cause = (
+                f"gradient norm {grad_norm:.4g} is above skip_above={self.emergency.skip_above:g}"
+            )
         else:
             cause = f"gradient norm is {grad_norm} (NaN/Inf in the gradients)"
         self.monitor.event(
@@ -348,7 +356,9 @@ class SafeOptimizer(Optimizer):
 
     def _summary(self) -> str:
         counters = ", ".join(f"{k}={v}" for k, v in self.stats().items() if k in Monitor.COUNTERS)
-        recent = "; ".join(f"step {e.step} {e.kind}: {e.reason}" for e in self.monitor.events()[-5:])
+        recent = "; ".join(
+            f"step {e.step} {e.kind}: {e.reason}" for e in self.monitor.events()[-5:]
+        )
         return f"Counters: {counters}. Last events: {recent}"
 
     # -- what it did ----------------------------------------------------------------
@@ -411,10 +421,14 @@ class SafeOptimizer(Optimizer):
                 optimizer class, another clip policy, different parameter groups).
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
+            result = pre_hook(self, dict(state_dict))
             if result is not None:
                 state_dict = result
-        if not isinstance(state_dict, Mapping) or "state" not in state_dict or "param_groups" not in state_dict:
+        if (
+            not isinstance(state_dict, Mapping)
+            or "state" not in state_dict
+            or "param_groups" not in state_dict
+        ):
             raise ValueError(
                 "state_dict must be an optimizer state dict with 'state' and 'param_groups' entries"
             )
@@ -423,7 +437,9 @@ class SafeOptimizer(Optimizer):
             self._check_same_setup(ours)
         self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != _STATE_KEY})
         if ours is None:
-            log.info("state dict holds no stableopt entry (a plain optimizer checkpoint): counters start at 0")
+            log.info(
+                "state dict holds no stableopt entry (a plain optimizer checkpoint): counters start at 0"
+            )
             self.monitor.load_state_dict(Monitor().state_dict())
             if self.rollback is not None:
                 self.rollback.invalidate()

@@ -45,7 +45,9 @@ class Rollback:
             uninterrupted run would use.
     """
 
-    def __init__(self, every_steps: int = 100, device: str = "cpu", in_state_dict: bool = False) -> None:
+    def __init__(
+        self, every_steps: int = 100, device: str = "cpu", in_state_dict: bool = False
+    ) -> None:
         self.every_steps = check_int("every_steps", every_steps, minimum=1)
         self.device = check_choice("device", device, _DEVICES)
         if not isinstance(in_state_dict, bool):
@@ -75,9 +77,12 @@ class Rollback:
         if len(self._params) != len(params):
             self._params, self._state = [], [None] * len(params)
         self._params = [
-            self._copy_into(self._params[i] if self._params else None, p) for i, p in enumerate(params)
+            self._copy_into(self._params[i] if self._params else None, p)
+            for i, p in enumerate(params)
         ]
-        self._state = [self._copy_state(self._state[i], optimizer.state.get(p)) for i, p in enumerate(params)]
+        self._state = [
+            self._copy_state(self._state[i], optimizer.state.get(p)) for i, p in enumerate(params)
+        ]
         self.snapshot_step = step
 
     @torch.no_grad()
@@ -109,7 +114,9 @@ class Rollback:
         buffer.copy_(source.detach(), non_blocking=True)
         return buffer
 
-    def _copy_state(self, old: dict[str, Any] | None, state: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _copy_state(
+        self, old: dict[str, Any] | None, state: dict[str, Any] | None
+    ) -> dict[str, Any] | None:
         if not state:
             return None
         old = old or {}
@@ -125,14 +132,21 @@ class Rollback:
 
     def state_dict(self) -> dict[str, Any]:
         """Settings, the step of the snapshot, and the snapshot itself when ``in_state_dict``."""
-        state: dict[str, Any] = {"every_steps": self.every_steps, "snapshot_step": self.snapshot_step}
+        state: dict[str, Any] = {
+            "every_steps": self.every_steps,
+            "snapshot_step": self.snapshot_step,
+        }
         if self.in_state_dict and self.snapshot_step is not None:
             state["params"] = [t.to("cpu", copy=True) for t in self._params]
             state["state"] = [
                 None
                 if s is None
                 else {
-                    k: ({"tensor": v.buffer.to("cpu", copy=True), "device": str(v.device)} if isinstance(v, _SavedTensor) else v)
+                    k: (
+                        {"tensor": v.buffer.to("cpu", copy=True), "device": str(v.device)}
+                        if isinstance(v, _SavedTensor)
+                        else v
+                    )
                     for k, v in s.items()
                 }
                 for s in self._state
@@ -150,13 +164,18 @@ class Rollback:
                 f"the rollback snapshot holds {len(state_dict['params'])} parameters, "
                 f"the optimizer has {len(params)}"
             )
-        self._params = [self._copy_into(None, t.to(p.device)) for t, p in zip(state_dict["params"], params)]
+        self._params = [
+            self._copy_into(None, t.to(p.device)) for t, p in zip(state_dict["params"], params)
+        ]
         self._state = [
             None
             if s is None
             else {
                 k: (
-                    _SavedTensor(self._copy_into(None, v["tensor"].to(v["device"])), torch.device(v["device"]))
+                    _SavedTensor(
+                        self._copy_into(None, v["tensor"].to(v["device"])),
+                        torch.device(v["device"]),
+                    )
                     if isinstance(v, dict) and "tensor" in v
                     else v
                 )
@@ -178,7 +197,11 @@ class _SavedTensor(NamedTuple):
 def _restore_value(current: Any, saved: Any) -> Any:
     if not isinstance(saved, _SavedTensor):
         return saved
-    if isinstance(current, Tensor) and current.shape == saved.buffer.shape and current.dtype == saved.buffer.dtype:
+    if (
+        isinstance(current, Tensor)
+        and current.shape == saved.buffer.shape
+        and current.dtype == saved.buffer.dtype
+    ):
         current.copy_(saved.buffer, non_blocking=True)
         return current
     return saved.buffer.to(saved.device, copy=True)

@@ -10,7 +10,7 @@ bit-identical to it.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ class GradStats(NamedTuple):
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
     grouped = _group_tensors_by_device_and_dtype([tensors])  # type: ignore[list-item]
-    return [(device, group[0]) for (device, _), (group, _) in grouped.items()]
+    return [(device, cast(list[Tensor], group[0])) for (device, _), (group, _) in grouped.items()]
 
 
 def _norms(tensors: list[Tensor], ord: float) -> list[Tensor]:

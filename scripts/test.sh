@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole check: lint, format, types, tests, strict docs build. Run from the repository root
+# after `pip install -e ".[dev,docs]"`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1
+ruff check stableopt tests
+ruff format --check stableopt tests
+mypy stableopt
+python -m pytest -q -p no:cacheprovider
+mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/stableopt-site"

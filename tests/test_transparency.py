@@ -1,0 +1,71 @@
+"""Transparent when healthy: SafeOptimizer(X) equals X, and with a fixed clip X + clip_grad_norm_."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stableopt import SafeOptimizer
+from tests.helpers import OPTIMIZERS, OptimizerInfo, backward, make_model, twin
+
+STEPS = 40
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=repr)
+def test_no_clip_is_bit_identical_to_bare_optimizer(info: OptimizerInfo) -> None:
+    model = make_model()
+    reference = twin(model)
+    safe = SafeOptimizer(info.build(model.parameters()), clip=None)
+    bare = info.build(reference.parameters())
+    for step in range(STEPS):
+        for m, opt in ((model, safe), (reference, bare)):
+            opt.zero_grad()
+            backward(m, step)
+            opt.step()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            assert torch.equal(p, q), f"step {step}: parameters differ from bare {info.name}"
+    for p, q in zip(model.parameters(), reference.parameters()):
+        for key, value in bare.state[q].items():
+            assert torch.equal(torch.as_tensor(safe.state[p][key]), torch.as_tensor(value))
+    assert safe.stats()["good_steps"] == STEPS
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=repr)
+@pytest.mark.parametrize("max_norm", [0.05, 1.0])
+def test_fixed_clip_matches_clip_grad_norm(info: OptimizerInfo, max_norm: float) -> None:
+    model = make_model(1)
+    reference = twin(model)
+    safe = SafeOptimizer(info.build(model.parameters()), clip=max_norm)
+    bare = info.build(reference.parameters())
+    clipped_steps = 0
+    for step in range(STEPS):
+        safe.zero_grad()
+        backward(model, step)
+        safe.step()
+        bare.zero_grad()
+        backward(reference, step)
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        clipped_steps += int(norm > max_norm)
+        bare.step()
+        assert safe.stats()["grad_norm"] == pytest.approx(float(norm), rel=1e-5)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            if info.fused:
+                # the coefficient rides in grad_scale: g / (1/c) instead of g * c
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(p, q), f"step {step}: differs from {info.name} + clip_grad_norm_"
+    assert safe.stats()["total_clips"] == clipped_steps
+    if max_norm == 0.05:
+        assert clipped_steps > 0
+
+
+def test_fixed_clip_reports_threshold() -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), clip=0.5)
+    backward(model, 0)
+    opt.step()
+    assert opt.stats()["clip_threshold"] == pytest.approx(0.5)
+    assert (
+        SafeOptimizer(torch.optim.SGD(make_model().parameters(), lr=0.1)).stats()["clip_threshold"]
+        is None
+    )
