@@ -1,19 +1,30 @@
 """stableopt: PyTorch training that survives exploding gradients, NaN losses and corrupted weights."""
 
-from stableopt.clipping import ClipPolicy, FixedClip
+from stableopt.agc import UnitwiseClip
+from stableopt.clipping import ClipPolicy, FixedClip, PercentileClip, ZScoreClip
+from stableopt.emergency import EmergencyClip
 from stableopt.errors import DivergenceError
+from stableopt.lr import EmergencyLR, PlateauLR
 from stableopt.monitor import Event, Monitor
 from stableopt.optimizer import SafeOptimizer
 from stableopt.rollback import Rollback
+from stableopt.spike import SpikeGuard
 
 __all__ = [
     "ClipPolicy",
     "DivergenceError",
+    "EmergencyClip",
+    "EmergencyLR",
     "Event",
     "FixedClip",
     "Monitor",
+    "PercentileClip",
+    "PlateauLR",
     "Rollback",
     "SafeOptimizer",
+    "SpikeGuard",
+    "UnitwiseClip",
+    "ZScoreClip",
 ]
 
 __version__ = "0.1.0"

@@ -22,29 +22,36 @@ all when the step is skipped). Events read their numbers only when they happen.
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from stableopt import checkpoint
 from stableopt._checks import check_int
+from stableopt._response import StepResponse
 from stableopt.clipping import ClipDecision, ClipPolicy, resolve_clip
 from stableopt.emergency import EmergencyClip
-from stableopt.errors import DivergenceError
+from stableopt.lr import EmergencyLR, PlateauLR, scaled_lr
 from stableopt.monitor import Event, Monitor
 from stableopt.rollback import Rollback
-from stableopt.stats import GradStats, all_finite, grad_stats, scale_
+from stableopt.spike import SpikeGuard
+from stableopt.stats import (
+    GradStats,
+    all_finite,
+    grad_stats,
+    read_flags,
+    reduce_across_ranks,
+    scale_,
+)
 
 __all__ = ["SafeOptimizer"]
 
 log = logging.getLogger(__name__)
 
-_STATE_KEY = "stableopt"
-_FORMAT_VERSION = 1
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
     "_optimizer_step_post_hooks",
@@ -55,33 +62,41 @@ _HOOK_DICTS = (
 )
 
 
-class SafeOptimizer(Optimizer):
+class SafeOptimizer(StepResponse, Optimizer):
     """Wrap a torch optimizer so that no bad step reaches the weights.
 
     It is a :class:`torch.optim.Optimizer`: ``param_groups``, ``state`` and
     ``defaults`` are the wrapped optimizer's own objects (LR schedulers, GradScaler
     and checkpointing code see the real thing), and ``step()`` runs the pipeline
-    described in the module docstring.
+    described in the module docstring. Every stage is an object with good
+    defaults; pass your own to configure it, or ``None`` to turn it off.
 
     Args:
         optimizer: the optimizer to wrap (any ``torch.optim.Optimizer`` instance).
-        clip: gradient clipping: ``None`` (off), a positive number (a fixed max
-            norm, identical to ``torch.nn.utils.clip_grad_norm_``), or a
-            :class:`~stableopt.clipping.ClipPolicy`.
-        emergency: the emergency stage on top of the clip policy: a total norm
-            above 1000 clips to half the policy's threshold for a cool-down window.
-            ``"default"`` is ``EmergencyClip()``; ``None`` turns it off. It acts
-            only when ``clip`` is set.
-        rollback: the snapshot stage that undoes a step which left non-finite
-            weights. ``"default"`` is ``Rollback(every_steps=100, device="cpu")``:
-            one copy of the parameters and optimizer state in host memory (3x the
-            parameter bytes for Adam/AdamW). ``None`` turns it off; a step that
-            corrupts the weights then raises :class:`DivergenceError` at once.
+        clip: gradient clipping: a policy name (``"zscore"``, the default: ZClip;
+            ``"percentile"``: AutoClip; ``"agc"``: unit-wise AGC), a positive number
+            (a fixed max norm, identical to ``torch.nn.utils.clip_grad_norm_``), a
+            :class:`~stableopt.clipping.ClipPolicy`, or ``None`` (off).
+        emergency_clip: on top of the clip policy, a total norm above 1000 clips to
+            half the policy's threshold for a cool-down window
+            (:class:`~stableopt.emergency.EmergencyClip`). Acts only when ``clip`` is set.
+        spike: skip steps whose loss or gradient norm is an outlier
+            (:class:`~stableopt.spike.SpikeGuard`), escalating to an LR cut and a rollback.
+        emergency_lr: cut the LR on non-finite values, explosions and repeated
+            spikes, and recover it gradually (:class:`~stableopt.lr.EmergencyLR`).
+        plateau: lower the LR when the training loss stops improving
+            (:class:`~stableopt.lr.PlateauLR`; needs the loss).
+        rollback: snapshots that undo a step which left non-finite weights
+            (:class:`~stableopt.rollback.Rollback`; default every 100 good steps, in
+            host memory: 3x the parameter bytes for Adam/AdamW). With ``None`` a
+            step that corrupts the weights raises :class:`DivergenceError` at once.
         max_consecutive_failures: raise :class:`DivergenceError` after this many
             consecutive skipped or rolled-back steps (default 10, ``>= 1``).
         check_weights: check after every update that the weights are finite
             (default ``True``; one max-abs foreach pass over the updated weights).
         monitor: where counters and events are kept (default ``Monitor()``).
+
+    The string ``"default"`` for a stage means its class built with its defaults.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -96,36 +111,32 @@ class SafeOptimizer(Optimizer):
         self,
         optimizer: Optimizer,
         *,
-        clip: ClipPolicy | float | str | None = None,
-        emergency: EmergencyClip | Literal["default"] | None = "default",
+        clip: ClipPolicy | float | str | None = "zscore",
+        emergency_clip: EmergencyClip | Literal["default"] | None = "default",
+        spike: SpikeGuard | Literal["default"] | None = "default",
+        emergency_lr: EmergencyLR | Literal["default"] | None = "default",
+        plateau: PlateauLR | Literal["default"] | None = "default",
         rollback: Rollback | Literal["default"] | None = "default",
         max_consecutive_failures: int = 10,
         check_weights: bool = True,
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
-        if emergency == "default":
-            emergency = EmergencyClip()
-        elif emergency is not None and not isinstance(emergency, EmergencyClip):
-            raise TypeError(
-                f"emergency must be an EmergencyClip, 'default' or None, got {emergency!r}"
-            )
-        if rollback == "default":
-            rollback = Rollback()
-        elif rollback is not None and not isinstance(rollback, Rollback):
-            raise TypeError(f"rollback must be a Rollback, 'default' or None, got {rollback!r}")
         if not isinstance(check_weights, bool):
             raise TypeError(f"check_weights must be a bool, got {check_weights!r}")
         if monitor is not None and not isinstance(monitor, Monitor):
             raise TypeError(f"monitor must be a Monitor or None, got {type(monitor).__name__}")
-
         # Deliberately not Optimizer.__init__: it would build param_groups of its own,
         # and param_groups/state must stay the inner optimizer's objects.
         torch._C._log_api_usage_once("python.stableopt.SafeOptimizer")
         self.optimizer = optimizer
         self.clip = resolve_clip(clip)
-        self.emergency = emergency if self.clip is not None else None
-        self.rollback = rollback
+        resolved_emergency_clip = _stage("emergency_clip", emergency_clip, EmergencyClip)
+        self.emergency_clip = resolved_emergency_clip if self.clip is not None else None
+        self.spike = _stage("spike", spike, SpikeGuard)
+        self.emergency_lr = _stage("emergency_lr", emergency_lr, EmergencyLR)
+        self.plateau = _stage("plateau", plateau, PlateauLR)
+        self.rollback = _stage("rollback", rollback, Rollback)
         self.max_consecutive_failures = check_int(
             "max_consecutive_failures", max_consecutive_failures, minimum=1
         )
@@ -133,6 +144,9 @@ class SafeOptimizer(Optimizer):
         self.monitor = monitor if monitor is not None else Monitor()
         self._last_grad_norm: Tensor | None = None
         self._last_threshold: Tensor | None = None
+        self._observed_loss: tuple[Tensor, int] | None = None
+        self._spike_streak = 0
+        self._said_no_loss = False
         self._init_hooks()
 
     # -- the inner optimizer's objects, never copies -------------------------------
@@ -174,6 +188,19 @@ class SafeOptimizer(Optimizer):
         if self.rollback is not None:
             self.rollback.invalidate()
 
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Tell the optimizer this step's loss (no sync; several calls are averaged).
+
+        The spike guard, the emergency LR policy and plateau scheduling read it at
+        the next ``step()``. ``SafeLoss`` calls this for you; so does ``step(closure)``.
+        """
+        value = torch.as_tensor(loss).detach().float().mean()
+        if self._observed_loss is None:
+            self._observed_loss = (value, 1)
+        else:
+            total, count = self._observed_loss
+            self._observed_loss = (total + value.to(total.device), count + 1)
+
     # -- the pipeline ------------------------------------------------------------
 
     @torch.no_grad()
@@ -181,8 +208,7 @@ class SafeOptimizer(Optimizer):
         """Run one guarded optimization step; return the closure's loss, if any.
 
         Raises:
-            DivergenceError: after ``max_consecutive_failures`` consecutive failed
-                steps; the weights are then the last good ones.
+            DivergenceError: past the failure budget; the weights are the last good ones.
         """
         loss = None
         if closure is not None:
@@ -195,40 +221,44 @@ class SafeOptimizer(Optimizer):
             # The state before this step is good: it was verified after the last step.
             self.rollback.take(self.optimizer, self.monitor.counters["steps"] - 1)
 
+        step_loss = self._step_loss(loss)
         stats = grad_stats(grads)
         decision = self._clip_decision(stats, grads, params)
-        is_ok = (
-            stats.is_finite
-            if decision is None or decision.is_garbage is None
-            else (stats.is_finite & ~decision.is_garbage)
-        )
+        flags = self._decision_flags(stats, decision, step_loss)
         is_fused = self._takes_found_inf(len(params))
-
-        if not is_fused and not bool(is_ok):  # host read 1 of 2 (non-fused only)
-            self._finish_skip(stats, decision)
-            return loss
-        self._inner_step(grads, is_ok, decision, is_fused)
-        if self.clip is not None:
-            self.clip.observe(stats.grad_norm, is_ok)
-        if self.emergency is not None:
-            self.emergency.observe(stats.grad_norm, is_ok)
+        host: dict[str, bool] = {}
+        if not is_fused:
+            host = read_flags(flags)  # host read 1 of 2 (non-fused only)
+            if not host["is_ok"]:
+                self._finish(host, stats, decision, ran=False)
+                return loss
+        with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
+            self._inner_step(grads, flags["is_ok"], decision, is_fused)
+        self._observe(stats, step_loss, flags["is_ok"])
         weights_ok = all_finite(params) if self.check_weights else torch.ones((), dtype=torch.bool)
-        flags = [is_ok, weights_ok]
-        if decision is not None:
-            flags.append(decision.is_clipped)
-            if decision.is_emergency is not None:
-                flags.append(decision.is_emergency)
-        device = stats.grad_norm.device
-        step_ok, weights_ok_, *clip_flags = (
-            bool(x) for x in torch.stack([f.to(device) for f in flags]).tolist()
-        )  # the one host read after the update
-        if not weights_ok_:  # checked first: a skipped fused step must not have written either
-            self._finish_rollback(stats)
-        elif not step_ok:
-            self._finish_skip(stats, decision)
-        else:
-            self._finish_good_step(stats, decision, *clip_flags)
+        host |= read_flags(
+            {**(flags if is_fused else {}), "weights_ok": weights_ok}
+        )  # the read after
+        self._finish(host, stats, decision, ran=True)
         return loss
+
+    def _step_loss(self, closure_loss: Any) -> Tensor | None:
+        observed, self._observed_loss = self._observed_loss, None
+        if isinstance(closure_loss, Tensor):
+            value = closure_loss.detach().float().mean()
+        elif observed is not None:
+            value = observed[0] / observed[1]
+        else:
+            if not self._said_no_loss and (
+                self.plateau is not None or (self.spike and self.spike.watch_loss)
+            ):
+                log.info(
+                    "no loss seen: plateau scheduling and the loss-spike guard are inactive until "
+                    "step(closure), SafeLoss(optimizer=...) or opt.observe_loss(loss) provides one"
+                )
+                self._said_no_loss = True
+            return None
+        return reduce_across_ranks(value)
 
     def _clip_decision(
         self, stats: GradStats, grads: list[Tensor], params: list[Tensor]
@@ -238,10 +268,38 @@ class SafeOptimizer(Optimizer):
             self._last_threshold = None
             return None
         decision = self.clip.decide(stats.grad_norm, grads, params)
-        if self.emergency is not None:
-            decision = self.emergency.adjust(stats.grad_norm, decision)
+        if self.emergency_clip is not None:
+            decision = self.emergency_clip.adjust(stats.grad_norm, decision)
         self._last_threshold = decision.threshold
         return decision
+
+    def _decision_flags(
+        self, stats: GradStats, decision: ClipDecision | None, loss: Tensor | None
+    ) -> dict[str, Tensor]:
+        """Every yes/no of this step as a device tensor; ``is_ok``: the update may run."""
+        flags = {"grads_finite": stats.is_finite}
+        bad = ~stats.is_finite
+        if loss is not None:
+            flags["loss_finite"] = torch.isfinite(loss).to(bad.device)
+            bad = bad | ~flags["loss_finite"]
+        if decision is not None:
+            flags["clipped"] = decision.is_clipped
+            if decision.is_emergency is not None:
+                flags["emergency_clip"] = decision.is_emergency
+            if decision.is_garbage is not None:
+                flags["garbage"] = decision.is_garbage
+                bad = bad | decision.is_garbage
+        if self.spike is not None:
+            for name, is_spike in self.spike.check(loss, stats.grad_norm).items():
+                flags[name] = is_spike.to(bad.device)
+                bad = bad | flags[name]
+        if self.emergency_lr is not None:
+            flags |= {
+                k: v.to(bad.device)
+                for k, v in self.emergency_lr.trigger_flags(stats.grad_norm, loss).items()
+            }
+        flags["is_ok"] = ~bad
+        return flags
 
     def _takes_found_inf(self, n_params_with_grad: int) -> bool:
         # Fused kernels skip the update when found_inf is set, but they create the
@@ -273,93 +331,16 @@ class SafeOptimizer(Optimizer):
                 if name in inner.__dict__:
                     delattr(inner, name)
 
-    def _finish_good_step(
-        self,
-        stats: GradStats,
-        decision: ClipDecision | None,
-        is_clipped: bool = False,
-        is_emergency: bool = False,
-    ) -> None:
-        self.monitor.count("good_steps")
-        if is_clipped:
-            self.monitor.count("total_clips")
-        if is_emergency and decision is not None:
-            self.monitor.count("emergency_clips")
-            self.monitor.event(
-                "emergency_clip",
-                f"gradient norm {float(stats.grad_norm):.4g} is above the emergency threshold: "
-                f"clipped to {float(decision.threshold):.4g}",
-                grad_norm=float(stats.grad_norm),
-                clip_threshold=float(decision.threshold),
-            )
-        self.monitor.record_step("emergency_clip" if is_emergency else "ok")
-        if self.rollback is not None and self.rollback.is_due(self.monitor.counters["good_steps"]):
-            self.rollback.take(self.optimizer, self.monitor.counters["steps"])
-
-    def _finish_skip(self, stats: GradStats, decision: ClipDecision | None) -> None:
-        self.monitor.count("skipped_steps")
-        grad_norm = float(stats.grad_norm)
-        if math.isfinite(grad_norm):
-            assert self.emergency is not None and self.emergency.skip_above is not None
-            cause = (
-                f"gradient norm {grad_norm:.4g} is above skip_above={self.emergency.skip_above:g}"
-            )
-        else:
-            cause = f"gradient norm is {grad_norm} (NaN/Inf in the gradients)"
-        self.monitor.event(
-            "skip",
-            f"{cause}: step skipped, weights and optimizer state unchanged",
-            grad_norm=grad_norm,
-        )
-        self.monitor.record_step("skip")
-        self._check_failure_budget()
-
-    def _finish_rollback(self, stats: GradStats) -> None:
-        if self.rollback is None or not self.rollback.has_snapshot:
-            self.monitor.event("divergence", "the step left non-finite weights and rollback is off")
-            raise DivergenceError(
-                "stableopt: the step left non-finite weights and rollback is off, so they cannot "
-                f"be restored. {self._summary()}",
-                self.stats(),
-                self.monitor.events(),
-            )
-        self.rollback.restore(self.optimizer)
-        self.monitor.count("rollbacks")
-        snapshot_step = self.rollback.snapshot_step
-        self.monitor.event(
-            "rollback",
-            f"the update left non-finite weights (gradient norm {float(stats.grad_norm):.4g}): "
-            f"weights and optimizer state restored to the snapshot of step {snapshot_step}",
-            grad_norm=float(stats.grad_norm),
-            snapshot_step=float(snapshot_step or 0),
-        )
-        self.monitor.record_step("rollback")
-        self._check_failure_budget()
-
-    def _check_failure_budget(self) -> None:
-        failures = self.monitor.counters["consecutive_failures"]
-        if failures < self.max_consecutive_failures:
-            return
-        self.monitor.event(
-            "divergence",
-            f"{failures} consecutive failed steps (max_consecutive_failures="
-            f"{self.max_consecutive_failures}): the run is diverging",
-            consecutive_failures=float(failures),
-        )
-        raise DivergenceError(
-            f"stableopt: {failures} consecutive steps were skipped or rolled back "
-            f"(max_consecutive_failures={self.max_consecutive_failures}); the weights are the "
-            f"last good ones. {self._summary()}",
-            self.stats(),
-            self.monitor.events(),
-        )
-
-    def _summary(self) -> str:
-        counters = ", ".join(f"{k}={v}" for k, v in self.stats().items() if k in Monitor.COUNTERS)
-        recent = "; ".join(
-            f"step {e.step} {e.kind}: {e.reason}" for e in self.monitor.events()[-5:]
-        )
-        return f"Counters: {counters}. Last events: {recent}"
+    def _observe(self, stats: GradStats, loss: Tensor | None, is_ok: Tensor) -> None:
+        """Histories take this step's numbers only if it was accepted (device-side)."""
+        if self.clip is not None:
+            self.clip.observe(stats.grad_norm, is_ok)
+        if self.emergency_clip is not None:
+            self.emergency_clip.observe(stats.grad_norm, is_ok)
+        if self.spike is not None:
+            self.spike.observe(loss, stats.grad_norm, is_ok)
+        if self.plateau is not None and loss is not None:
+            self.plateau.observe(loss, is_ok.to(loss.device))
 
     # -- what it did ----------------------------------------------------------------
 
@@ -367,17 +348,20 @@ class SafeOptimizer(Optimizer):
         """Counters and the latest numbers of the run (reading them may sync).
 
         Keys: ``steps`` (calls to ``step()``), ``good_steps``, ``skipped_steps``,
-        ``rollbacks``, ``consecutive_failures``, ``total_clips``,
-        ``emergency_clips``, ``lr_changes``, ``emergency_mode``,
-        ``system_health`` (in [0, 1], see :class:`~stableopt.monitor.Monitor`),
-        ``grad_norm`` (the last pre-clip total norm) and ``clip_threshold`` (the
-        last max norm; ``None`` when clipping is off).
+        ``spike_skips``, ``rollbacks``, ``consecutive_failures``, ``total_clips``,
+        ``emergency_clips``, ``lr_changes``, ``emergency_mode`` (an emergency LR cut
+        is in force), ``lr_factor``, ``system_health`` (in [0, 1], see
+        :class:`~stableopt.monitor.Monitor`), ``grad_norm`` (the last pre-clip total
+        norm) and ``clip_threshold`` (the last max norm; ``None`` when clipping is off).
         """
         stats: dict[str, Any] = dict(self.monitor.counters)
-        stats["emergency_mode"] = False
+        stats["emergency_mode"] = self.emergency_lr.in_emergency if self.emergency_lr else False
+        stats["lr_factor"] = self.lr_factor
         stats["system_health"] = self.monitor.health
-        stats["grad_norm"] = _to_float(self._last_grad_norm)
-        stats["clip_threshold"] = _to_float(self._last_threshold)
+        stats["grad_norm"] = None if self._last_grad_norm is None else float(self._last_grad_norm)
+        stats["clip_threshold"] = (
+            None if self._last_threshold is None else float(self._last_threshold)
+        )
         return stats
 
     def events(self) -> list[Event]:
@@ -386,27 +370,37 @@ class SafeOptimizer(Optimizer):
 
     # -- checkpoints ------------------------------------------------------------------
 
+    def _stages(self) -> dict[str, Any]:
+        return {
+            "clip": self.clip,
+            "emergency_clip": self.emergency_clip,
+            "spike": self.spike,
+            "emergency_lr": self.emergency_lr,
+            "plateau": self.plateau,
+            "rollback": self.rollback,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"stableopt"`` entry for every stage.
 
         The inner entries (``state``, ``param_groups``) stay at the top level, so
         tools that read an optimizer state dict keep working; ``"stableopt"`` holds
-        the counters, events, clip history and rollback bookkeeping.
+        the counters, events and every stage's state (clip history, cool-downs,
+        spike windows, LR factors, plateau window, rollback bookkeeping).
         """
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = dict(self.optimizer.state_dict())
-        state_dict[_STATE_KEY] = {
-            "format": _FORMAT_VERSION,
-            "optimizer_class": _qualname(self.optimizer),
-            "clip_class": _qualname(self.clip) if self.clip is not None else None,
-            "clip": self.clip.state_dict() if self.clip is not None else None,
-            "emergency": self.emergency.state_dict() if self.emergency is not None else None,
-            "rollback": self.rollback.state_dict() if self.rollback is not None else None,
-            "monitor": self.monitor.state_dict(),
-            "last_grad_norm": self._last_grad_norm,
-            "last_threshold": self._last_threshold,
-        }
+        state_dict[checkpoint.STATE_KEY] = checkpoint.pack(
+            self.optimizer,
+            self._stages(),
+            self.monitor,
+            {
+                "spike_streak": self._spike_streak,
+                "last_grad_norm": self._last_grad_norm,
+                "last_threshold": self._last_threshold,
+            },
+        )
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -418,7 +412,8 @@ class SafeOptimizer(Optimizer):
 
         Raises:
             ValueError: the state dict comes from a different setup (another inner
-                optimizer class, another clip policy, different parameter groups).
+                optimizer class, a stage on in one and off in the other or of another
+                class, different parameter groups).
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, dict(state_dict))
@@ -426,16 +421,17 @@ class SafeOptimizer(Optimizer):
                 state_dict = result
         if (
             not isinstance(state_dict, Mapping)
-            or "state" not in state_dict
-            or "param_groups" not in state_dict
+            or not {"state", "param_groups"} <= state_dict.keys()
         ):
             raise ValueError(
                 "state_dict must be an optimizer state dict with 'state' and 'param_groups' entries"
             )
-        ours = state_dict.get(_STATE_KEY)
+        ours = state_dict.get(checkpoint.STATE_KEY)
         if ours is not None:
-            self._check_same_setup(ours)
-        self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != _STATE_KEY})
+            checkpoint.check_same_setup(ours, self.optimizer, self._stages())
+        self.optimizer.load_state_dict(
+            {k: v for k, v in state_dict.items() if k != checkpoint.STATE_KEY}
+        )
         if ours is None:
             log.info(
                 "state dict holds no stableopt entry (a plain optimizer checkpoint): counters start at 0"
@@ -444,39 +440,12 @@ class SafeOptimizer(Optimizer):
             if self.rollback is not None:
                 self.rollback.invalidate()
         else:
-            if self.clip is not None:
-                self.clip.load_state_dict(ours["clip"])
-            if self.emergency is not None and ours.get("emergency") is not None:
-                self.emergency.load_state_dict(ours["emergency"])
-            if self.rollback is not None:
-                self.rollback.load_state_dict(ours["rollback"] or {}, self.optimizer)
-            self.monitor.load_state_dict(ours["monitor"])
-            self._last_grad_norm = ours.get("last_grad_norm")
-            self._last_threshold = ours.get("last_threshold")
+            checkpoint.load_stages(ours, self.optimizer, self._stages(), self.monitor)
+            self._spike_streak = int(ours["spike_streak"])
+            self._last_grad_norm = ours["last_grad_norm"]
+            self._last_threshold = ours["last_threshold"]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
-
-    def _check_same_setup(self, ours: Mapping[str, Any]) -> None:
-        if not isinstance(ours, Mapping) or ours.get("format") != _FORMAT_VERSION:
-            raise ValueError(
-                f"state_dict['{_STATE_KEY}'] is not a stableopt state of format {_FORMAT_VERSION}"
-            )
-        expected = {
-            "optimizer_class": _qualname(self.optimizer),
-            "clip_class": _qualname(self.clip) if self.clip is not None else None,
-        }
-        for key, value in expected.items():
-            if ours.get(key) != value:
-                raise ValueError(
-                    f"state_dict comes from a different setup: {key} is {ours.get(key)!r} in the "
-                    f"state dict but {value!r} here"
-                )
-        if (ours.get("rollback") is None) != (self.rollback is None):
-            raise ValueError(
-                "state_dict comes from a different setup: rollback is "
-                f"{'off' if ours.get('rollback') is None else 'on'} in the state dict but "
-                f"{'off' if self.rollback is None else 'on'} here"
-            )
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -497,10 +466,11 @@ class SafeOptimizer(Optimizer):
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
+        stages = "".join(f"    {name}={stage!r},\n" for name, stage in self._stages().items())
         return (
-            f"{type(self).__name__}(\n{inner}\n    clip={self.clip!r}, rollback={self.rollback!r}, "
-            f"max_consecutive_failures={self.max_consecutive_failures}, "
-            f"check_weights={self.check_weights}\n)"
+            f"{type(self).__name__}(\n{inner}\n{stages}"
+            f"    max_consecutive_failures={self.max_consecutive_failures},\n"
+            f"    check_weights={self.check_weights},\n)"
         )
 
 
@@ -514,9 +484,13 @@ def _check_optimizer(optimizer: Any) -> None:
         raise TypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
 
 
-def _qualname(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+_Stage = TypeVar("_Stage")
 
 
-def _to_float(value: Tensor | None) -> float | None:
-    return None if value is None else float(value)
+def _stage(name: str, value: Any, cls: type[_Stage]) -> _Stage | None:
+    """Resolve a stage argument: an instance, ``"default"`` (built with defaults) or ``None``."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, str) and value == "default":
+        return cls()
+    raise TypeError(f"{name} must be a {cls.__name__}, 'default' or None, got {value!r}")

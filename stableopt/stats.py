@@ -16,7 +16,15 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-__all__ = ["GradStats", "all_finite", "grad_stats", "scale_", "total_norm"]
+__all__ = [
+    "GradStats",
+    "all_finite",
+    "grad_stats",
+    "read_flags",
+    "reduce_across_ranks",
+    "scale_",
+    "total_norm",
+]
 
 
 class GradStats(NamedTuple):
@@ -89,3 +97,30 @@ def scale_(tensors: list[Tensor], factor: Tensor) -> None:
         else:
             for t in group:
                 t.mul_(device_factor)
+
+
+def read_flags(flags: dict[str, Tensor]) -> dict[str, bool]:
+    """Read a set of 0-dim device flags to the host in one transfer (one sync)."""
+    if not flags:
+        return {}
+    device = next(iter(flags.values())).device
+    values = torch.stack(
+        [flag.to(device, torch.bool).reshape(()) for flag in flags.values()]
+    ).tolist()
+    return dict(zip(flags, (bool(v) for v in values)))
+
+
+def reduce_across_ranks(value: Tensor) -> Tensor:
+    """Mean of ``value`` over all ranks of the default process group (identity without one).
+
+    Every decision that reads a per-rank number (the loss: each rank sees its own
+    batch) reads it through here, so all ranks decide the same.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    world_size = torch.distributed.get_world_size()
+    if world_size == 1:
+        return value
+    reduced = value.detach().clone()
+    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
+    return reduced / world_size

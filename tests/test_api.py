@@ -153,7 +153,7 @@ def test_wrapping_twice_is_a_type_error() -> None:
         ({"max_consecutive_failures": 0}, ValueError, "max_consecutive_failures"),
         ({"max_consecutive_failures": 2.5}, TypeError, "max_consecutive_failures"),
         ({"rollback": "sometimes"}, TypeError, "rollback must be"),
-        ({"emergency": 3}, TypeError, "emergency must be"),
+        ({"emergency_clip": 3}, TypeError, "emergency_clip must be"),
         ({"check_weights": "yes"}, TypeError, "check_weights"),
     ],
 )

@@ -129,7 +129,7 @@ def test_default_checkpoint_rolls_back_to_the_resume_point(tmp_path: Path) -> No
     train(model, opt, corrupt, range(10))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     state = opt.state_dict()
-    assert "params" not in state["stableopt"]["rollback"]
+    assert "params" not in state["stableopt"]["stages"]["rollback"]
     opt.load_state_dict(state)
     opt.zero_grad()
     backward(model, 10)
@@ -169,10 +169,10 @@ def test_a_plain_optimizer_checkpoint_loads_with_fresh_counters() -> None:
     ("other", "match"),
     [
         (lambda m: SafeOptimizer(torch.optim.SGD(m.parameters(), lr=0.1)), "optimizer_class"),
-        (lambda m: SafeOptimizer(torch.optim.AdamW(m.parameters()), clip=None), "clip_class"),
+        (lambda m: SafeOptimizer(torch.optim.AdamW(m.parameters()), clip=None), "clip is"),
         (
             lambda m: SafeOptimizer(torch.optim.AdamW(m.parameters()), clip=1.0, rollback=None),
-            "rollback is on",
+            "rollback is stableopt.rollback.Rollback in the state dict but off here",
         ),
         (
             lambda m: SafeOptimizer(torch.optim.AdamW(list(m.parameters())[:2]), clip=1.0),

@@ -60,7 +60,8 @@ def test_non_finite_grads_leave_weights_and_state_bit_identical(
 def test_skipped_steps_match_a_bare_run_without_those_batches(info: OptimizerInfo) -> None:
     model = make_model()
     reference = twin(model)
-    safe = SafeOptimizer(info.build(model.parameters()), clip=None)
+    # the LR policies would (rightly) cut the LR after a NaN: compare the guard alone
+    safe = SafeOptimizer(info.build(model.parameters()), clip=None, emergency_lr=None)
     bare = info.build(reference.parameters())
     bad_steps = {3, 4, 11}
     for step in range(16):
@@ -98,8 +99,8 @@ def test_adam_eps_zero_nan_weights_are_rolled_back() -> None:
     assert opt.stats()["rollbacks"] == 1
     assert torch.equal(fresh, before_fresh)
     assert fresh not in opt.state or not opt.state[fresh]
-    event = opt.events()[-1]
-    assert event.kind == "rollback" and "non-finite weights" in event.reason
+    event = next(e for e in opt.events() if e.kind == "rollback")
+    assert "non-finite weights" in event.reason
     # the snapshot was retaken when the group was added, i.e. at the state before this step
     assert torch.equal(opt.state[weight]["exp_avg"], state_before["exp_avg"])
 
@@ -143,7 +144,7 @@ def test_rollback_restores_the_last_snapshot_exactly() -> None:
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["momentum_buffer"], bare.state[q]["momentum_buffer"])
-    assert opt.events()[-1].data["snapshot_step"] == 5
+    assert [e.data["snapshot_step"] for e in opt.events() if e.kind == "rollback"] == [5]
 
 
 def test_same_device_snapshots_restore_too() -> None:
