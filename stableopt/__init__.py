@@ -1,7 +1,8 @@
 """stableopt: PyTorch training that survives exploding gradients, NaN losses and corrupted weights."""
 
+from stableopt.adaptive import PercentileClip, ZScoreClip
 from stableopt.agc import UnitwiseClip
-from stableopt.clipping import ClipPolicy, FixedClip, PercentileClip, ZScoreClip
+from stableopt.clipping import ClipPolicy, FixedClip
 from stableopt.emergency import EmergencyClip
 from stableopt.errors import DivergenceError
 from stableopt.lr import EmergencyLR, PlateauLR

@@ -19,15 +19,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from stableopt import SafeOptimizer
+from stableopt.adaptive import PercentileClip, ZScoreClip
 from stableopt.agc import UnitwiseClip
-from stableopt.clipping import (
-    ClipPolicy,
-    FixedClip,
-    PercentileClip,
-    ZScoreClip,
-    clip_coefficient,
-    resolve_clip,
-)
+from stableopt.clipping import ClipPolicy, FixedClip, clip_coefficient, resolve_clip
 
 TRUE = torch.tensor(True)
 FALSE = torch.tensor(False)
