@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from stableopt._checks import check_int
 
-__all__ = ["Event", "Monitor", "SEVERITY"]
+__all__ = ["SEVERITY", "Event", "Monitor", "Sink"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,19 @@ SEVERITY: dict[str, float] = {
 
 _LOG_FIRST = 5
 _LOG_EVERY = 100
+
+
+class Sink(Protocol):
+    """Where events and metrics go (MLflow, TensorBoard, a run log, a notifier)."""
+
+    def on_event(self, event: Event) -> None:
+        """Called once per event, as it happens."""
+
+    def on_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Called every ``every_steps`` steps with the values of ``stats()``."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
 
 
 @dataclass(frozen=True)
@@ -55,9 +69,19 @@ class Monitor:
     the severities in :data:`SEVERITY` (a skipped or rolled-back step costs 1, an
     emergency clip 0.5, any other step 0). It is 1.0 before the first step.
 
+    Sinks (MLflow, TensorBoard, a JSON-lines run log, notifiers; see
+    :mod:`stableopt.sinks`) receive every event as it happens and the metrics of
+    ``stats()`` every ``every_steps`` steps. Reading the metrics may sync the
+    device, so it happens only on those steps. A sink that raises is logged
+    (rate-limited) and never stops training.
+
     Args:
         max_events: how many recent events :meth:`events` keeps (default 256).
         health_window: how many recent steps the health score reads (default 100).
+        sinks: objects with ``on_event(event)``, ``on_metrics(step, metrics)`` and
+            ``close()`` (see :class:`Sink`); default none (events still go to the
+            ``stableopt`` logger).
+        every_steps: how often sinks get the metrics (default 50, ``>= 1``).
     """
 
     COUNTERS = (
@@ -71,9 +95,25 @@ class Monitor:
         "consecutive_failures",
     )
 
-    def __init__(self, max_events: int = 256, health_window: int = 100) -> None:
+    def __init__(
+        self,
+        max_events: int = 256,
+        health_window: int = 100,
+        sinks: Iterable[Sink] = (),
+        every_steps: int = 50,
+    ) -> None:
         self.max_events = check_int("max_events", max_events, minimum=1)
         self.health_window = check_int("health_window", health_window, minimum=1)
+        self.every_steps = check_int("every_steps", every_steps, minimum=1)
+        self.sinks: list[Sink] = list(sinks)
+        for sink in self.sinks:
+            if not all(
+                callable(getattr(sink, name, None)) for name in ("on_event", "on_metrics", "close")
+            ):
+                raise TypeError(
+                    f"sinks must have on_event, on_metrics and close methods, got {type(sink).__name__}"
+                )
+        self._sink_failures: dict[str, int] = {}
         self.counters: dict[str, int] = dict.fromkeys(self.COUNTERS, 0)
         self._events: deque[Event] = deque(maxlen=self.max_events)
         self._severities: deque[float] = deque(maxlen=self.health_window)
@@ -100,7 +140,38 @@ class Monitor:
         if seen <= _LOG_FIRST or seen % _LOG_EVERY == 0:
             suffix = f" ({seen} {kind} events so far)" if seen > _LOG_FIRST else ""
             log.warning("step %d: %s: %s%s", event.step, kind, reason, suffix)
+        for sink in self.sinks:
+            self._call(sink, "on_event", event)
         return event
+
+    def end_step(self, metrics: Callable[[], Mapping[str, Any]]) -> None:
+        """After a step: every ``every_steps`` steps, give the sinks ``metrics()``.
+
+        ``metrics`` is called only then (reading it may sync the device).
+        """
+        step = self.counters["steps"]
+        if not self.sinks or step % self.every_steps:
+            return
+        values = metrics()
+        for sink in self.sinks:
+            self._call(sink, "on_metrics", step, values)
+
+    def close(self) -> None:
+        """Flush and close every sink."""
+        for sink in self.sinks:
+            self._call(sink, "close")
+
+    def _call(self, sink: Sink, method: str, *args: Any) -> None:
+        try:
+            getattr(sink, method)(*args)
+        except Exception:  # a failing sink must never stop training
+            name = type(sink).__name__
+            failures = self._sink_failures.get(name, 0) + 1
+            self._sink_failures[name] = failures
+            if failures <= _LOG_FIRST or failures % _LOG_EVERY == 0:
+                log.exception(
+                    "sink %s failed in %s (failure %d); training goes on", name, method, failures
+                )
 
     def events(self) -> list[Event]:
         """The recent events, oldest first."""

@@ -231,6 +231,7 @@ class SafeOptimizer(StepResponse, Optimizer):
             host = read_flags(flags)  # host read 1 of 2 (non-fused only)
             if not host["is_ok"]:
                 self._finish(host, stats, decision, ran=False)
+                self.monitor.end_step(self.stats)
                 return loss
         with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
             self._inner_step(grads, flags["is_ok"], decision, is_fused)
@@ -240,6 +241,7 @@ class SafeOptimizer(StepResponse, Optimizer):
             {**(flags if is_fused else {}), "weights_ok": weights_ok}
         )  # the read after
         self._finish(host, stats, decision, ran=True)
+        self.monitor.end_step(self.stats)
         return loss
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
