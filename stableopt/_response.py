@@ -50,6 +50,11 @@ class StepResponse:
     ) -> None:
         """Count the outcome, escalate repeated spikes, move the LR factors, check the budget."""
         step = self.monitor.counters["steps"]
+        if host.get("amp_overflow") and host.get("weights_ok", True):
+            # GradScaler's own overflow skip: its normal dynamics (it lowers the scale),
+            # not a failure of the run: no streak, no LR cut, no history.
+            self.monitor.count("scaler_skips")
+            return
         is_failure = not (host["is_ok"] and host.get("weights_ok", True))
         grad_norm = float(stats.grad_norm) if is_failure else math.nan  # events only
         if ran and not host["weights_ok"]:

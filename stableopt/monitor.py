@@ -88,6 +88,8 @@ class Monitor:
         "steps",
         "good_steps",
         "skipped_steps",
+        "spike_skips",
+        "scaler_skips",
         "rollbacks",
         "total_clips",
         "emergency_clips",

@@ -33,6 +33,7 @@ from torch.optim import Optimizer
 from stableopt import checkpoint
 from stableopt._checks import check_int
 from stableopt._response import StepResponse
+from stableopt.agc import UnitwiseClip
 from stableopt.clipping import ClipDecision, ClipPolicy, resolve_clip
 from stableopt.emergency import EmergencyClip
 from stableopt.lr import EmergencyLR, PlateauLR, scaled_lr
@@ -222,10 +223,11 @@ class SafeOptimizer(StepResponse, Optimizer):
             self.rollback.take(self.optimizer, self.monitor.counters["steps"] - 1)
 
         step_loss = self._step_loss(loss)
-        stats = grad_stats(grads)
-        decision = self._clip_decision(stats, grads, params)
-        flags = self._decision_flags(stats, decision, step_loss)
         is_fused = self._takes_found_inf(len(params))
+        amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
+        stats = grad_stats(grads, amp_scale)
+        decision = self._clip_decision(stats, grads, params)
+        flags = self._decision_flags(stats, decision, step_loss, amp_found_inf)
         host: dict[str, bool] = {}
         if not is_fused:
             host = read_flags(flags)  # host read 1 of 2 (non-fused only)
@@ -234,7 +236,7 @@ class SafeOptimizer(StepResponse, Optimizer):
                 self.monitor.end_step(self.stats)
                 return loss
         with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
-            self._inner_step(grads, flags["is_ok"], decision, is_fused)
+            self._inner_step(grads, flags["is_ok"], decision, is_fused, amp_scale)
         self._observe(stats, step_loss, flags["is_ok"])
         weights_ok = all_finite(params) if self.check_weights else torch.ones((), dtype=torch.bool)
         host |= read_flags(
@@ -243,6 +245,33 @@ class SafeOptimizer(StepResponse, Optimizer):
         self._finish(host, stats, decision, ran=True)
         self.monitor.end_step(self.stats)
         return loss
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        """True for a fused inner optimizer: GradScaler then hands us its scale (see ``step``).
+
+        GradScaler sets ``grad_scale`` (its scale, or ``None`` after ``unscale_``) and
+        ``found_inf`` on this object instead of unscaling and skipping itself; the
+        step folds its scale into the fused kernel's ``grad_scale`` together with our
+        clip coefficient, so the gradients are unscaled once, inside the kernel.
+        """
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def _amp_inputs(
+        self, grads: list[Tensor], is_fused: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """GradScaler's ``grad_scale`` and ``found_inf`` for this step, if it set them.
+
+        The scale can ride into the fused kernel only with a total-norm clip policy;
+        otherwise (the first step of a fused optimizer, before it has state, or a
+        unit-wise policy that clips in place) the gradients are unscaled here, once.
+        """
+        amp_scale: Tensor | None = self.__dict__.get("grad_scale")
+        amp_found_inf: Tensor | None = self.__dict__.get("found_inf")
+        if amp_scale is not None and (not is_fused or isinstance(self.clip, UnitwiseClip)):
+            scale_(grads, amp_scale.double().reciprocal().float())
+            amp_scale = None
+        return amp_scale, amp_found_inf
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
         observed, self._observed_loss = self._observed_loss, None
@@ -276,11 +305,18 @@ class SafeOptimizer(StepResponse, Optimizer):
         return decision
 
     def _decision_flags(
-        self, stats: GradStats, decision: ClipDecision | None, loss: Tensor | None
+        self,
+        stats: GradStats,
+        decision: ClipDecision | None,
+        loss: Tensor | None,
+        amp_found_inf: Tensor | None,
     ) -> dict[str, Tensor]:
         """Every yes/no of this step as a device tensor; ``is_ok``: the update may run."""
         flags = {"grads_finite": stats.is_finite}
         bad = ~stats.is_finite
+        if amp_found_inf is not None:
+            flags["amp_overflow"] = (amp_found_inf > 0).to(bad.device)
+            bad = bad | flags["amp_overflow"]
         if loss is not None:
             flags["loss_finite"] = torch.isfinite(loss).to(bad.device)
             bad = bad | ~flags["loss_finite"]
@@ -312,7 +348,12 @@ class SafeOptimizer(StepResponse, Optimizer):
         )
 
     def _inner_step(
-        self, grads: list[Tensor], is_ok: Tensor, decision: ClipDecision | None, is_fused: bool
+        self,
+        grads: list[Tensor],
+        is_ok: Tensor,
+        decision: ClipDecision | None,
+        is_fused: bool,
+        amp_scale: Tensor | None,
     ) -> None:
         coefficient = decision.coefficient if decision else None
         if not is_fused:
@@ -322,10 +363,16 @@ class SafeOptimizer(StepResponse, Optimizer):
             return
         # GradScaler's protocol: the fused kernel divides every gradient by
         # grad_scale and leaves weights and state alone when found_inf is non-zero.
+        # GradScaler's own scale and our clip coefficient compose into one divisor.
         inner: Any = self.optimizer
         inner.found_inf = (~is_ok).to(torch.float32)
         if coefficient is not None:
-            inner.grad_scale = coefficient.to(torch.float32).reciprocal()
+            divisor = coefficient.to(torch.float32).reciprocal()
+            inner.grad_scale = (
+                divisor if amp_scale is None else amp_scale * divisor.to(amp_scale.device)
+            )
+        elif amp_scale is not None:
+            inner.grad_scale = amp_scale
         try:
             self.optimizer.step()
         finally:

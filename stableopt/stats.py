@@ -67,9 +67,15 @@ def total_norm(tensors: list[Tensor], device: torch.device | None = None) -> Ten
 
 
 @torch.no_grad()
-def grad_stats(grads: list[Tensor], device: torch.device | None = None) -> GradStats:
-    """Total norm and finite flag of ``grads`` in one foreach pass."""
-    grad_norm = total_norm(grads, device)
+def grad_stats(grads: list[Tensor], scale: Tensor | None = None) -> GradStats:
+    """Total norm and finite flag of ``grads`` in one foreach pass.
+
+    ``scale`` is a loss scale the gradients still carry (GradScaler's): the norm is
+    divided by it, so policies see the unscaled norm without a pass to unscale.
+    """
+    grad_norm = total_norm(grads)
+    if scale is not None:
+        grad_norm = grad_norm / scale.to(grad_norm.device, grad_norm.dtype)
     return GradStats(grad_norm=grad_norm, is_finite=torch.isfinite(grad_norm))
 
 

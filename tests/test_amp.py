@@ -1,0 +1,114 @@
+"""Mixed precision: GradScaler drives SafeOptimizer; bf16 autocast trains under it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from stableopt import SafeOptimizer
+from tests.helpers import batch, make_model, twin
+
+STEPS = 25
+
+
+def scaled_backward(model: nn.Module, scaler: torch.amp.GradScaler, step: int, poison: bool = False) -> None:
+    x, y = batch(step)
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.mse_loss(model(x).float(), y)
+    scaler.scale(loss).backward()
+    if poison:
+        next(model.parameters()).grad.view(-1)[0] = float("inf")
+
+
+def make_scaler() -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=5)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_gradscaler_without_clip_is_bit_identical_to_bare(fused: bool) -> None:
+    model = make_model()
+    reference = twin(model)
+    impl = {"fused": True} if fused else {"foreach": True}
+    safe = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, **impl), clip=None)
+    bare = torch.optim.AdamW(reference.parameters(), lr=1e-2, **impl)
+    assert safe._step_supports_amp_scaling is fused
+    scalers = [make_scaler(), make_scaler()]
+    for step in range(STEPS):
+        for m, opt, scaler in ((model, safe, scalers[0]), (reference, bare, scalers[1])):
+            opt.zero_grad()
+            scaled_backward(m, scaler, step, poison=step == 7)
+            scaler.step(opt)
+            scaler.update()
+        assert scalers[0].get_scale() == scalers[1].get_scale()
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters())), step
+    stats = safe.stats()
+    # the scaler's own overflow skip is not a failure of ours: no skip, no LR cut
+    assert stats["skipped_steps"] == 0 and stats["lr_changes"] == 0
+    assert stats["scaler_skips"] == (1 if fused else 0)  # unfused: GradScaler never calls step()
+    assert stats["steps"] == (STEPS if fused else STEPS - 1)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_gradscaler_clip_sees_unscaled_gradients_once(fused: bool) -> None:
+    """Reference: scaler.unscale_(opt); clip_grad_norm_(params, c); scaler.step(opt)."""
+    model = make_model()
+    reference = twin(model)
+    impl = {"fused": True} if fused else {"foreach": True}
+    safe = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, **impl), clip=0.05)
+    bare = torch.optim.AdamW(reference.parameters(), lr=1e-2, **impl)
+    scalers = [make_scaler(), make_scaler()]
+    for step in range(STEPS):
+        safe.zero_grad()
+        scaled_backward(model, scalers[0], step)
+        scalers[0].step(safe)
+        scalers[0].update()
+        bare.zero_grad()
+        scaled_backward(reference, scalers[1], step)
+        scalers[1].unscale_(bare)
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        scalers[1].step(bare)
+        scalers[1].update()
+        assert safe.stats()["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    assert safe.stats()["total_clips"] > 0
+
+
+def test_user_unscale_before_step_is_not_unscaled_twice() -> None:
+    model = make_model()
+    reference = twin(model)
+    safe = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), clip=None)
+    bare = torch.optim.AdamW(reference.parameters(), lr=1e-2, fused=True)
+    scalers = [make_scaler(), make_scaler()]
+    for step in range(10):
+        for m, opt, scaler in ((model, safe, scalers[0]), (reference, bare, scalers[1])):
+            opt.zero_grad()
+            scaled_backward(m, scaler, step)
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_autocast_trains_and_skips_nan() -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    first = None
+    for step in range(40):
+        x, y = batch(step)
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.mse_loss(model(x).float(), y)
+        loss.backward()
+        if step == 20:
+            next(model.parameters()).grad.view(-1)[0] = float("nan")
+            before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        if step == 20:
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        first = first if first is not None else float(loss)
+    assert opt.stats()["skipped_steps"] == 1
+    assert float(loss) < first
+    assert all(torch.isfinite(p).all() for p in model.parameters())
