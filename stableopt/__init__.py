@@ -5,6 +5,7 @@ from stableopt.agc import UnitwiseClip
 from stableopt.clipping import ClipPolicy, FixedClip
 from stableopt.emergency import EmergencyClip
 from stableopt.errors import DivergenceError
+from stableopt.loss import ConsistencyLoss, SafeLoss
 from stableopt.lr import EmergencyLR, PlateauLR
 from stableopt.monitor import Event, Monitor
 from stableopt.optimizer import SafeOptimizer
@@ -13,6 +14,7 @@ from stableopt.spike import SpikeGuard
 
 __all__ = [
     "ClipPolicy",
+    "ConsistencyLoss",
     "DivergenceError",
     "EmergencyClip",
     "EmergencyLR",
@@ -22,6 +24,7 @@ __all__ = [
     "PercentileClip",
     "PlateauLR",
     "Rollback",
+    "SafeLoss",
     "SafeOptimizer",
     "SpikeGuard",
     "UnitwiseClip",

@@ -357,7 +357,7 @@ class SafeOptimizer(StepResponse, Optimizer):
     ) -> None:
         coefficient = decision.coefficient if decision else None
         if not is_fused:
-            if coefficient is not None:
+            if coefficient is not None and grads:
                 scale_(grads, coefficient)
             self.optimizer.step()
             return

@@ -201,3 +201,13 @@ def test_stats_has_the_documented_keys() -> None:
         assert key in stats
     assert stats["steps"] == 1 and stats["system_health"] == 1.0
     assert isinstance(stats["grad_norm"], float) and isinstance(stats["clip_threshold"], float)
+
+
+@pytest.mark.parametrize("clip", [None, 1.0, "zscore", "percentile", "agc"])
+def test_step_without_any_gradient_is_a_no_op(clip: object) -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), clip=clip)  # type: ignore[arg-type]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert opt.stats()["good_steps"] == 1

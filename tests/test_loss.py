@@ -1,0 +1,524 @@
+"""SafeLoss and ConsistencyLoss against references: the bare loss, trimming and masking by hand."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stableopt import SafeOptimizer
+from stableopt.loss import ConsistencyLoss, SafeLoss
+from tests.helpers import OPTIMIZERS, OptimizerInfo, make_model, same_snapshot, snapshot
+
+
+def leaf(*shape: int, seed: int = 0) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).requires_grad_()
+
+
+def labels(*shape: int, classes: int, seed: int = 1) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, classes, shape, generator=g)
+
+
+def value_and_grad(fn: Callable[[Tensor], Tensor], pred: Tensor) -> tuple[Tensor, Tensor]:
+    """fn(pred) and d fn / d pred, on a fresh copy of ``pred``."""
+    x = pred.detach().clone().requires_grad_()
+    value = fn(x)
+    value.backward()
+    assert x.grad is not None
+    return value.detach(), x.grad
+
+
+def assert_same(
+    got: tuple[Tensor, Tensor], expected: tuple[Tensor, Tensor], exact: bool = True
+) -> None:
+    for a, b in zip(got, expected):
+        if exact:
+            assert torch.equal(a, b), (a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def power_loss(p: Tensor, t: Tensor) -> Tensor:
+    return (p - t).abs().pow(1.5).sum()
+
+
+# -- transparency: the bare loss's value and gradient -------------------------------------
+
+BARE_CASES: list[tuple[str, Callable[..., Tensor], Callable[[], Tensor], dict[str, Any]]] = [
+    ("MSELoss", nn.MSELoss(), lambda: torch.randn(4, 3), {}),
+    ("L1Loss", nn.L1Loss(), lambda: torch.randn(4, 3), {}),
+    ("SmoothL1Loss-sum", nn.SmoothL1Loss(reduction="sum"), lambda: torch.randn(4, 3), {}),
+    (
+        "CrossEntropyLoss-module",
+        nn.CrossEntropyLoss(ignore_index=2, label_smoothing=0.1),
+        lambda: labels(4, 7, classes=5),
+        {},
+    ),
+    (
+        "F.cross_entropy-kwargs",
+        F.cross_entropy,
+        lambda: labels(4, 7, classes=5),
+        {"ignore_index": 1},
+    ),
+    ("plain-function", power_loss, lambda: torch.randn(4, 3), {}),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "loss", "make_target", "kwargs"),
+    BARE_CASES,
+    ids=lambda c: c if isinstance(c, str) else "",
+)
+def test_value_and_grad_are_the_bare_loss(
+    name: str,
+    loss: Callable[..., Tensor],
+    make_target: Callable[[], Tensor],
+    kwargs: dict[str, Any],
+) -> None:
+    target = make_target()
+    pred = leaf(4, 5, 7) if name.lower().find("cross") >= 0 else leaf(4, 3)
+    safe = SafeLoss(loss)
+    assert_same(
+        value_and_grad(lambda x: safe(x, target, **kwargs), pred),
+        value_and_grad(lambda x: loss(x, target, **kwargs), pred),
+    )
+    assert safe.stats() == {"nonfinite_losses": 0, "size_mismatches": 0}
+
+
+# -- length mismatch: trimmed like by hand ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pred_shape", "target_shape", "dim"),
+    [
+        ((3, 5, 100), (3, 5, 97), 2),  # (B, n_mels, T): the decoder ran 3 frames long
+        ((3, 5, 90), (3, 5, 97), 2),  # ... or stopped early
+        ((3, 100, 4), (3, 97, 4), 1),  # (B, T, C)
+    ],
+)
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.L1Loss(), power_loss], ids=["mse", "l1", "fn"])
+def test_mismatch_is_trimmed_like_by_hand(
+    pred_shape: tuple[int, ...],
+    target_shape: tuple[int, ...],
+    dim: int,
+    loss: Callable[..., Tensor],
+) -> None:
+    pred, target = leaf(*pred_shape), torch.randn(*target_shape)
+    length = min(pred_shape[dim], target_shape[dim])
+    safe = SafeLoss(loss)
+    assert_same(
+        value_and_grad(lambda x: safe(x, target), pred),
+        value_and_grad(
+            lambda x: loss(x.narrow(dim, 0, length), target.narrow(dim, 0, length)), pred
+        ),
+    )
+    assert safe.stats()["size_mismatches"] == 1
+
+
+def test_class_index_layout_trims_the_time_dim() -> None:
+    pred, target = leaf(2, 6, 12), labels(2, 10, classes=6)  # (B, C, T) against (B, T')
+    safe = SafeLoss(nn.CrossEntropyLoss())
+    assert_same(
+        value_and_grad(lambda x: safe(x, target), pred),
+        value_and_grad(lambda x: F.cross_entropy(x[..., :10], target), pred),
+    )
+
+
+@pytest.mark.parametrize(
+    ("pred_shape", "target_shape", "what"),
+    [
+        ((3, 5, 10), (4, 5, 10), "batch"),
+        ((3, 5, 10), (3, 5, 10, 1), "rank"),
+        ((3, 5, 10), (3, 6, 9), "2 dims"),
+    ],
+)
+@pytest.mark.parametrize("on_mismatch", ["trim", "error"])
+def test_other_shape_differences_raise_naming_both_shapes(
+    pred_shape: tuple[int, ...], target_shape: tuple[int, ...], what: str, on_mismatch: str
+) -> None:
+    safe = SafeLoss(nn.MSELoss(), on_mismatch=on_mismatch)
+    with pytest.raises(ValueError, match=what) as info:
+        safe(torch.randn(*pred_shape), torch.randn(*target_shape))
+    assert str(pred_shape) in str(info.value) and str(target_shape) in str(info.value)
+
+
+def test_error_mode_and_explicit_time_dim_refuse_a_trim() -> None:
+    with pytest.raises(ValueError, match=r"\(2, 3, 9\).*\(2, 3, 8\).*on_mismatch='error'"):
+        SafeLoss(nn.MSELoss(), on_mismatch="error")(torch.randn(2, 3, 9), torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="not in time_dim=1"):
+        SafeLoss(nn.MSELoss(), time_dim=1)(torch.randn(2, 3, 9), torch.randn(2, 3, 8))
+
+
+def test_ignore_mode_passes_any_shapes_through() -> None:
+    ctc = nn.CTCLoss()
+    log_probs = leaf(20, 2, 5).log_softmax(-1)  # (T, B, C): CTC's own layout
+    targets = labels(2, 6, classes=4) + 1
+    args = (log_probs, targets, torch.tensor([20, 18]), torch.tensor([6, 4]))
+    with pytest.raises(ValueError, match="on_mismatch='ignore'"):
+        SafeLoss(ctc)(*args)
+    assert torch.equal(SafeLoss(ctc, on_mismatch="ignore")(*args), ctc(*args))
+
+
+def test_mismatch_warnings_are_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    for safe in (SafeLoss(nn.MSELoss()), SafeLoss(nn.MSELoss(), optimizer=opt)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="stableopt"):
+            for _ in range(1000):
+                safe(torch.zeros(2, 3, 10), torch.zeros(2, 3, 9))
+        assert safe.stats()["size_mismatches"] == 1000
+        assert 1 <= len(caplog.records) <= 11, len(caplog.records)  # 1, 2, 4, ..., 512
+        assert "(2, 3, 10)" in caplog.records[0].getMessage()
+        assert len(safe.events()) == 10
+    assert opt.stats()["size_mismatches"] == 1000
+
+
+# -- masking: the mean over valid positions only ------------------------------------------
+
+
+def hand_masked_mse(pred: Tensor, target: Tensor, lengths: Tensor, time_dim: int) -> Tensor:
+    steps = pred.shape[time_dim]
+    valid = torch.arange(steps)[None, :] < lengths[:, None]  # (B, T)
+    if time_dim in (1, -2):
+        valid = valid[:, :, None]
+    else:
+        valid = valid[:, None, :]
+    valid = valid.expand_as(pred).float()
+    return ((pred - target) ** 2 * valid).sum() / valid.sum()
+
+
+@pytest.mark.parametrize(
+    ("shape", "time_dim"), [((3, 5, 11), None), ((3, 5, 11), -1), ((3, 11, 4), 1), ((3, 11, 4), -2)]
+)
+def test_masked_mean_matches_a_hand_written_one(
+    shape: tuple[int, ...], time_dim: int | None
+) -> None:
+    pred, target = leaf(*shape), torch.randn(*shape)
+    lengths = torch.tensor([11, 4, 7])
+    safe = SafeLoss(nn.MSELoss(), time_dim=time_dim)
+    assert_same(
+        value_and_grad(lambda x: safe(x, target, lengths=lengths), pred),
+        value_and_grad(lambda x: hand_masked_mse(x, target, lengths, time_dim or -1), pred),
+        exact=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "safe",
+    [
+        SafeLoss(F.mse_loss),  # a function with a reduction parameter
+        SafeLoss(lambda p, t: (p - t) ** 2, elementwise=True),
+    ],
+    ids=["F.mse_loss", "elementwise"],
+)
+def test_masking_with_functions_and_a_trim(safe: SafeLoss) -> None:
+    pred, target = leaf(3, 5, 13), torch.randn(3, 5, 11)
+    target[1, :, 6:] = float("nan")  # padding garbage must stay out of value and grad
+    lengths = torch.tensor([11, 6, 9])
+    got = value_and_grad(lambda x: safe(x, target, lengths=lengths), pred)
+    clean = target.nan_to_num()
+    expected = value_and_grad(lambda x: hand_masked_mse(x[..., :11], clean, lengths, -1), pred)
+    assert_same(got, expected, exact=False)
+    assert safe.stats() == {"nonfinite_losses": 0, "size_mismatches": 1}
+
+
+def test_padding_garbage_in_the_prediction_reaches_no_gradient() -> None:
+    frames = leaf(2, 3, 5)
+    past_stop = torch.full((2, 3, 4), float("nan"))  # a decoder's output after its stop token
+    target = torch.randn(2, 3, 9)
+    lengths = torch.tensor([5, 2])
+    loss = SafeLoss(nn.MSELoss())(torch.cat([frames, past_stop], dim=-1), target, lengths=lengths)
+    loss.backward()
+    expected = value_and_grad(lambda x: hand_masked_mse(x, target[..., :5], lengths, -1), frames)
+    assert_same((loss.detach(), frames.grad), expected, exact=False)  # type: ignore[arg-type]
+
+
+def test_masked_sum_and_none_reductions() -> None:
+    pred, target = leaf(2, 3, 6), torch.randn(2, 3, 6)
+    lengths = torch.tensor([2, 5])
+    keep = (torch.arange(6)[None, :] < lengths[:, None])[:, None, :]
+    l1 = (pred - target).abs()
+    summed = SafeLoss(nn.L1Loss(reduction="sum"))(pred, target, lengths=lengths)
+    torch.testing.assert_close(summed, (l1 * keep).sum())
+    unreduced = SafeLoss(nn.L1Loss(reduction="none"))(pred, target, lengths=lengths)
+    torch.testing.assert_close(unreduced, l1 * keep)
+
+
+def test_masked_cross_entropy_matches_ignore_index_padding() -> None:
+    # Independent reference: torch's own weighted mean, with padding marked ignore_index.
+    weight = torch.tensor([0.5, 1.0, 2.0, 0.25, 1.5])
+    loss = nn.CrossEntropyLoss(weight=weight, ignore_index=3)
+    pred, target = leaf(3, 5, 9), labels(3, 9, classes=5)
+    lengths = torch.tensor([9, 2, 5])
+    padded = target.masked_fill(torch.arange(9)[None, :] >= lengths[:, None], 3)
+    assert_same(
+        value_and_grad(lambda x: SafeLoss(loss)(x, target, lengths=lengths), pred),
+        value_and_grad(lambda x: loss(x, padded), pred),
+        exact=False,
+    )
+    # the elementwise twin shares the weights: .double() moves both, state_dict holds one copy
+    safe = SafeLoss(loss).double()
+    assert set(safe.state_dict()) == {"loss.weight"}
+    assert safe(pred.double(), target, lengths=lengths).dtype == torch.float64
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.CrossEntropyLoss()], ids=["mse", "ce"])
+def test_empty_mask_gives_zero_and_zero_grads(loss: nn.Module) -> None:
+    pred = leaf(2, 4, 6)
+    target = (
+        labels(2, 6, classes=4) if isinstance(loss, nn.CrossEntropyLoss) else torch.randn(2, 4, 6)
+    )
+    value, grad = value_and_grad(
+        lambda x: SafeLoss(loss)(x, target, lengths=torch.zeros(2, dtype=torch.long)), pred
+    )
+    assert value.item() == 0.0 and math.copysign(1, value.item()) == 1
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_a_loss_taking_lengths_gets_them() -> None:
+    seen: dict[str, Any] = {}
+
+    def own_masking(p: Tensor, t: Tensor, lengths: Tensor) -> Tensor:
+        seen["lengths"] = lengths
+        return F.mse_loss(p, t)
+
+    lengths = torch.tensor([3, 1])
+    SafeLoss(own_masking)(torch.randn(2, 4), torch.randn(2, 4), lengths=lengths)
+    assert seen["lengths"] is lengths
+
+
+# -- non-finite losses ------------------------------------------------------------------------
+
+
+def nan_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """A NaN value whose gradient is the (finite) MSE gradient."""
+    return F.mse_loss(pred, target) + torch.tensor(float("nan"))
+
+
+@pytest.mark.parametrize("info", OPTIMIZERS, ids=repr)
+def test_nonfinite_loss_skips_the_next_step_even_with_finite_grads(info: OptimizerInfo) -> None:
+    model = make_model()
+    opt = SafeOptimizer(info.build(model.parameters()))
+    good, bad = SafeLoss(nn.MSELoss(), optimizer=opt), SafeLoss(nan_loss, optimizer=opt)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    for step in range(3):
+        opt.zero_grad()
+        loss_fn = bad if step == 1 else good
+        loss = loss_fn(model(x), y)
+        loss.backward()  # does not raise on NaN
+        before = snapshot(model, opt)
+        opt.step()
+        if step == 1:
+            assert math.isnan(loss.item())
+            assert all(
+                torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+            )
+            assert same_snapshot(before, snapshot(model, opt)), "a NaN-loss step changed the model"
+        else:
+            assert not same_snapshot(before, snapshot(model, opt))
+    stats = opt.stats()
+    assert stats["skipped_steps"] == 1 and stats["nonfinite_losses"] == 1
+    assert bad.stats() == {"nonfinite_losses": 1, "size_mismatches": 0}
+    assert good.stats()["nonfinite_losses"] == 0
+    kinds = [(e.step, e.kind) for e in opt.events()]
+    assert (2, "skip") in kinds and (2, "nonfinite_loss") in kinds
+    assert "NaN/Inf" in bad.events()[0].reason
+
+
+def test_standalone_counts_nonfinite_losses_lazily() -> None:
+    safe = SafeLoss(lambda p, t: (p - t).sum() / (p - t).sum().detach() * float("inf"))
+    for _ in range(5):
+        safe(torch.randn(3), torch.randn(3))
+    safe(torch.ones(3), torch.zeros(3).fill_(float("nan")))
+    assert safe.stats()["nonfinite_losses"] == 6
+    assert [e.data["nonfinite_losses"] for e in safe.events()] == [6.0]  # one read, one event
+    assert all(e.step == 0 for e in safe.events())
+
+
+def test_evaluation_losses_are_counted_but_not_observed() -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    safe = SafeLoss(nan_loss, optimizer=opt)
+    with torch.no_grad():
+        safe(model(torch.randn(4, 8)), torch.randn(4, 1))
+    F.mse_loss(model(torch.randn(4, 8)), torch.randn(4, 1)).backward()
+    opt.step()  # a training step after an evaluation NaN is not skipped
+    stats = opt.stats()
+    assert stats["skipped_steps"] == 0 and stats["nonfinite_losses"] == 1
+
+
+# -- consistency loss -------------------------------------------------------------------------
+
+
+def test_consistency_loss_is_weighted_mse_against_a_detached_target() -> None:
+    a, b = leaf(2, 4, 30), leaf(2, 4, 27, seed=5)
+    value = ConsistencyLoss(weight=0.3)(a, b)
+    value.backward()
+    a_ref = a.detach().clone().requires_grad_()
+    expected = 0.3 * F.mse_loss(a_ref[..., :27], b.detach()[..., :27])
+    expected.backward()
+    assert torch.equal(value.detach(), expected.detach())
+    assert a.grad is not None and torch.equal(a.grad, a_ref.grad)  # type: ignore[arg-type]
+    assert b.grad is None  # no gradient into the second decoder
+
+
+def test_consistency_loss_masks_like_safe_loss() -> None:
+    a, b = leaf(3, 4, 12), leaf(3, 4, 12, seed=2)
+    lengths = torch.tensor([12, 3, 8])
+    got = ConsistencyLoss(weight=2.0)(a, b, lengths=lengths)
+    torch.testing.assert_close(got, 2.0 * hand_masked_mse(a, b.detach(), lengths, -1))
+
+
+# -- integration ------------------------------------------------------------------------------
+
+
+def test_num_items_in_batch_is_dropped_or_forwarded() -> None:
+    pred, target = torch.randn(4, 3), torch.randn(4, 3)
+    assert torch.equal(
+        SafeLoss(nn.MSELoss())(pred, target, num_items_in_batch=4), F.mse_loss(pred, target)
+    )
+
+    def hf_style(outputs: Tensor, labels: Tensor, num_items_in_batch: int | None = None) -> Tensor:
+        return F.mse_loss(outputs, labels, reduction="sum") / num_items_in_batch  # type: ignore[operator]
+
+    def any_kwargs(outputs: Tensor, labels: Tensor, **kwargs: Any) -> Tensor:
+        return F.mse_loss(outputs, labels, reduction="sum") / kwargs["num_items_in_batch"]
+
+    for fn in (hf_style, any_kwargs):
+        got = SafeLoss(fn)(pred, target, num_items_in_batch=12)
+        assert torch.equal(got, F.mse_loss(pred, target, reduction="sum") / 12)
+
+
+def test_counters_in_opt_stats_and_loss_stats() -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    safe = SafeLoss(nn.MSELoss(), optimizer=opt)
+    assert opt.stats()["nonfinite_losses"] == 0 and opt.stats()["size_mismatches"] == 0
+    x = torch.randn(6, 8)
+    for step in range(4):
+        opt.zero_grad()
+        pred = model(x).expand(6, 5)  # (B, T=5) against 4 target frames
+        target = torch.full((6, 4), float("nan")) if step == 2 else torch.randn(6, 4)
+        safe(pred, target).backward()
+        opt.step()
+    assert safe.stats() == {"nonfinite_losses": 1, "size_mismatches": 4}
+    stats = opt.stats()
+    assert (stats["nonfinite_losses"], stats["size_mismatches"], stats["skipped_steps"]) == (
+        1,
+        4,
+        1,
+    )
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+
+
+def graph_breaks(fn: Callable[..., Tensor], *args: Tensor) -> tuple[int, int]:
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fn)(*args)
+    return explained.graph_count, explained.graph_break_count
+
+
+def test_compile_adds_no_graph_break_on_the_happy_path() -> None:
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    bare = nn.MSELoss()
+    safe = SafeLoss(nn.MSELoss(), optimizer=opt)
+    x, y = torch.randn(8, 8), torch.randn(8, 1)
+    seq_pred, seq_target, lengths = (
+        torch.randn(2, 3, 10),
+        torch.randn(2, 3, 10),
+        torch.tensor([10, 6]),
+    )
+
+    assert graph_breaks(lambda a, b: bare(model(a), b), x, y) == (1, 0)
+    assert graph_breaks(lambda a, b: safe(model(a), b), x, y) == (1, 0)
+    assert graph_breaks(lambda a, b, n: safe(a, b, lengths=n), seq_pred, seq_target, lengths) == (
+        1,
+        0,
+    )
+
+    # a real compiled run: same values as eager, NaN still counted and still skips
+    torch._dynamo.reset()
+    step_fn = torch.compile(lambda a, b: safe(model(a), b), backend="eager")
+    eager = bare(model(x), y)
+    compiled = step_fn(x, y)
+    assert torch.equal(compiled, eager)
+    compiled.backward()
+    opt.step()
+    opt.zero_grad()
+    step_fn(x, torch.full_like(y, float("nan"))).backward()
+    opt.step()
+    assert opt.stats()["nonfinite_losses"] == 1 and opt.stats()["skipped_steps"] == 1
+    torch._dynamo.reset()
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: SafeLoss(3), TypeError, "loss must be a loss callable"),  # type: ignore[arg-type]
+        (lambda: SafeLoss(nn.MSELoss), TypeError, "the class MSELoss"),  # type: ignore[arg-type]
+        (
+            lambda: SafeLoss(
+                nn.MSELoss(),
+                optimizer=torch.optim.SGD([nn.Parameter(torch.ones(1))]),  # type: ignore[arg-type]
+            ),
+            TypeError,
+            "optimizer must be a stableopt.SafeOptimizer",
+        ),
+        (
+            lambda: SafeLoss(nn.MSELoss(), on_mismatch="pad"),
+            ValueError,
+            r"on_mismatch must be one of \['trim', 'error', 'ignore'\]",
+        ),
+        (lambda: SafeLoss(nn.MSELoss(), time_dim=True), TypeError, "time_dim must be an int"),
+        (lambda: SafeLoss(nn.MSELoss(), elementwise=1), TypeError, "elementwise must be a bool"),  # type: ignore[arg-type]
+        (lambda: ConsistencyLoss(weight=-0.5), ValueError, "weight must be >= 0"),
+        (lambda: ConsistencyLoss(weight="1"), TypeError, "weight must be a number"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_arguments_name_the_argument(
+    make: Callable[[], Any], error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("lengths", "error", "match"),
+    [
+        ([3, 2], TypeError, "got list"),
+        (torch.tensor([3.0, 2.0]), TypeError, "got dtype torch.float32"),
+        (torch.tensor([True, False]), TypeError, "got dtype torch.bool"),
+        (torch.tensor([[3, 2]]), ValueError, r"shape \(2,\).*got shape \(1, 2\)"),
+        (torch.tensor([3, 2, 1]), ValueError, r"got shape \(3,\)"),
+    ],
+)
+def test_bad_lengths_are_rejected(lengths: Any, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=f"lengths must be.*{match}"):
+        SafeLoss(nn.MSELoss())(torch.randn(2, 4), torch.randn(2, 4), lengths=lengths)
+
+
+def test_masking_needs_an_elementwise_loss_and_a_time_dim() -> None:
+    with pytest.raises(TypeError, match="lengths= needs an elementwise loss.*power_loss"):
+        SafeLoss(power_loss)(torch.randn(2, 4), torch.randn(2, 4), lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"needs a time dim.*\(2,\)"):
+        SafeLoss(nn.MSELoss())(torch.randn(2), torch.randn(2), lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="time_dim=0 is the batch dim"):
+        SafeLoss(nn.MSELoss(), time_dim=0)(torch.randn(2, 4), torch.randn(2, 4))
+    with pytest.raises(ValueError, match="'batchmean'"):
+        SafeLoss(nn.KLDivLoss(reduction="batchmean"))(
+            torch.randn(2, 4), torch.rand(2, 4), lengths=torch.tensor([1, 2])
+        )
