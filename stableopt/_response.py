@@ -22,7 +22,7 @@ from stableopt.lr import EmergencyLR, LRChange, PlateauLR, effective_lr
 from stableopt.monitor import Monitor
 from stableopt.rollback import Rollback
 from stableopt.spike import SpikeGuard
-from stableopt.stats import GradStats
+from stableopt.stats import GradStats, all_finite
 
 __all__ = ["StepResponse"]
 
@@ -38,6 +38,7 @@ class StepResponse:
     rollback: Rollback | None
     monitor: Monitor
     max_consecutive_failures: int
+    check_weights: str
     _spike_streak: int
     param_groups: Any
 
@@ -50,15 +51,24 @@ class StepResponse:
     ) -> None:
         """Count the outcome, escalate repeated spikes, move the LR factors, check the budget."""
         step = self.monitor.counters["steps"]
-        if host.get("amp_overflow") and host.get("weights_ok", True):
+        weights_bad = ran and not host.get("weights_ok", True)
+        if not weights_bad and self._weights_suspect(host):
+            weights_bad = not bool(all_finite(self._all_params()))  # rare: suspect steps only
+        if host.get("amp_overflow") and not weights_bad:
             # GradScaler's own overflow skip: its normal dynamics (it lowers the scale),
             # not a failure of the run: no streak, no LR cut, no history.
             self.monitor.count("scaler_skips")
             return
-        is_failure = not (host["is_ok"] and host.get("weights_ok", True))
+        is_failure = weights_bad or not host["is_ok"]
         grad_norm = float(stats.grad_norm) if is_failure else math.nan  # events only
-        if ran and not host["weights_ok"]:
-            outcome, cause = "rollback", "the update left non-finite weights"
+        if weights_bad:
+            host["weights_ok"] = False
+            outcome = "rollback"
+            cause = (
+                "the update left non-finite weights"
+                if ran and self.check_weights == "every_step"
+                else "non-finite weights found (left by an earlier update)"
+            )
             self._restore(f"{cause} (gradient norm {grad_norm:.4g})")
         elif not host["is_ok"]:
             outcome, cause = "skip", self._skip_cause(host, grad_norm)
@@ -108,6 +118,23 @@ class StepResponse:
                 f"{failures} consecutive steps were skipped or rolled back "
                 f"(max_consecutive_failures={self.max_consecutive_failures})"
             )
+
+    def _weights_suspect(self, host: dict[str, bool]) -> bool:
+        """In lazy mode, when to look at the weights: a NaN weight shows up as
+        non-finite gradients or loss at the next step, and a snapshot must never
+        copy a corrupted state."""
+        if self.check_weights != "lazy":
+            return False
+        if not host["grads_finite"] or not host.get("loss_finite", True):
+            return True
+        return (
+            host["is_ok"]
+            and self.rollback is not None
+            and self.rollback.is_due(self.monitor.counters["good_steps"] + 1)
+        )
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
     def _count_good_step(
         self, host: dict[str, bool], stats: GradStats, decision: ClipDecision | None

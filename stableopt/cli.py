@@ -1,4 +1,4 @@
-"""The ``stableopt`` command: ``python -m stableopt demo`` (``bench`` and ``report`` to come).
+"""The ``stableopt`` command: ``python -m stableopt demo``, ``bench --perf`` (``report`` to come).
 
 Every subcommand is one ``_add_<name>(subparsers, common)`` function that adds
 its parser and sets ``handler`` to the function that runs it; :func:`main` parses,
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -58,6 +60,12 @@ def _add_demo(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
         default=0,
         help="seed of model, data and faults (default 0)",
     )
+    parser.add_argument(
+        "--log-dir",
+        default=None,
+        help="also log the SafeOptimizer run there: run.jsonl, an MLflow store, TensorBoard "
+        "events (as installed), and run.png drawn from run.jsonl",
+    )
     parser.set_defaults(handler=_run_demo)
 
 
@@ -70,14 +78,173 @@ def _run_demo(args: argparse.Namespace) -> int:
     # slower on 2 busy cores), and this process is ours to configure.
     torch.set_num_threads(1)
     started = time.perf_counter()
-    result = run_demo(steps=args.steps, seed=args.seed)
+    result = run_demo(steps=args.steps, seed=args.seed, log_dir=args.log_dir)
     print(format_report(result))
     print(f"\n({time.perf_counter() - started:.1f} s)")
     # A demo in which SafeOptimizer did not survive is a failure of the library.
     return 0 if result.method("SafeOptimizer").is_finite else 1
 
 
-_SUBCOMMANDS: tuple[Callable[[_Subparsers, argparse.ArgumentParser], None], ...] = (_add_demo,)
+def _add_bench(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        parents=[common],
+        help="benchmarks: --perf for the per-step overhead (the stability benchmark is to come)",
+        description=(
+            "--perf: per-step time and peak memory of SafeOptimizer(X) (defaults, each stage alone, "
+            "each clip policy) against X + clip_grad_norm_ and bare X, for SGD, Adam and AdamW in "
+            "their for-loop, foreach and fused versions, measured interleaved in one process. "
+            "Writes perf-<device>.md and .csv to --out and prints the Markdown."
+        ),
+    )
+    parser.add_argument(
+        "--perf", action="store_true", help="run the overhead benchmark (time and memory per step)"
+    )
+    perf = parser.add_argument_group("--perf options")
+    perf.add_argument(
+        "--quick",
+        action="store_true",
+        help="a 100k-parameter model and few rounds: seconds, for a check (writes perf-<device>-quick.*)",
+    )
+    perf.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="model sizes in parameters, comma-separated (default 1M,10M,50M)",
+    )
+    perf.add_argument(
+        "--optimizers",
+        type=_choices("sgd", "adam", "adamw"),
+        default=None,
+        help="inner optimizers, comma-separated, of sgd,adam,adamw (default all)",
+    )
+    perf.add_argument(
+        "--impls",
+        type=_choices("forloop", "foreach", "fused"),
+        default=None,
+        help="implementations, comma-separated, of forloop,foreach,fused (default all)",
+    )
+    perf.add_argument(
+        "--rounds",
+        type=_int_at_least(1),
+        default=None,
+        help="timed rounds per configuration (default by size: 30 at 1M, 10 at 10M, 5 at 50M)",
+    )
+    perf.add_argument(
+        "--warmup",
+        type=_int_at_least(0),
+        default=None,
+        help="untimed steps per method first (default by size: 5 at 1M, 2 from 2.5M)",
+    )
+    perf.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=None,
+        help=(
+            "torch threads (default 1 on CPU: more threads than free cores make every "
+            "OpenMP kernel wait for a descheduled thread on a shared machine)"
+        ),
+    )
+    perf.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where to measure (default cuda when available, else cpu)",
+    )
+    perf.add_argument("--out", default="results", help="output folder (default results/)")
+    parser.set_defaults(handler=_run_bench)
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    from stableopt.bench.perf import parse_size
+
+    try:
+        sizes = tuple(parse_size(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not sizes or min(sizes) < 1000:
+        raise argparse.ArgumentTypeError(f"sizes must be parameter counts >= 1000, got {text!r}")
+    return sizes
+
+
+def _choices(*accepted: str) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+        unknown = [v for v in values if v not in accepted]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(
+                f"must be a comma-separated list of {','.join(accepted)}, got {text!r}"
+            )
+        return values
+
+    return parse
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    if args.perf:
+        return _run_perf(args)
+    return _run_stability(args)
+
+
+def _run_stability(args: argparse.Namespace) -> int:
+    # The stability benchmark (faults vs plain optimizers) plugs in here.
+    print(
+        "stableopt bench: the stability benchmark is not available yet; "
+        "use `stableopt bench --perf` for the overhead benchmark",
+        file=sys.stderr,
+    )
+    return 2
+
+
+def _run_perf(args: argparse.Namespace) -> int:
+    import torch
+
+    from stableopt.bench.perf import QUICK_SIZES, PerfConfig, run_perf
+    from stableopt.bench.perf_report import format_markdown, write_results
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("stableopt bench --perf: --device cuda but CUDA is not available", file=sys.stderr)
+        return 2
+    quick = {"sizes": QUICK_SIZES, "rounds": 15, "warmup": 3} if args.quick else {}
+    chosen = {
+        "sizes": args.sizes,
+        "optimizers": args.optimizers,
+        "impls": args.impls,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+    }
+    # On a GPU the host threads matter little: leave them as they are.
+    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
+    config = PerfConfig(
+        **{**quick, **{k: v for k, v in chosen.items() if v is not None}},
+        threads=threads,
+        device=device,
+    )
+    result = run_perf(config)
+    result.command = "python -m stableopt " + shlex.join(args.argv)
+    markdown_path, csv_path = write_results(
+        result, args.out, f"perf-{device}{'-quick' if args.quick else ''}"
+    )
+    print(format_markdown(result))
+    print(f"(wrote {markdown_path} and {csv_path}; {result.seconds:.0f} s)")
+    return 0
+
+
+def _add_report(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
+    from stableopt import report
+
+    parser = subparsers.add_parser(
+        "report", parents=[common], help="draw a run log (run.jsonl) as a PNG"
+    )
+    report.build_parser(parser).set_defaults(handler=report.run)
+
+
+_SUBCOMMANDS: tuple[Callable[[_Subparsers, argparse.ArgumentParser], None], ...] = (
+    _add_demo,
+    _add_bench,
+    _add_report,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +278,8 @@ def _configure_logging(verbose: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``stableopt`` command; return its exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the exact command, for the benchmark's results file
     _configure_logging(args.verbose)
     return int(args.handler(args))

@@ -9,18 +9,24 @@ into the plain-text table that ``python -m stableopt demo`` prints.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.optim import Optimizer
 
 from stableopt._checks import check_float, check_int
 from stableopt.bench.faults import FaultKind, FaultSchedule, RegressionTask, run_training
-from stableopt.monitor import Event
+from stableopt.loss import SafeLoss
+from stableopt.monitor import Event, Monitor
 from stableopt.optimizer import SafeOptimizer
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_FAULTS",
@@ -65,6 +71,20 @@ class MethodResult:
     stats: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
     error: str | None = None
+
+    @property
+    def broken_since(self) -> int | None:
+        """The step from which every training loss was non-finite to the end, or ``None``.
+
+        A run that met a non-finite loss and recovered (a corrupted update rolled
+        back at the next step) is not broken.
+        """
+        step = None
+        for index in range(len(self.losses), 0, -1):
+            if math.isfinite(self.losses[index - 1]):
+                break
+            step = index
+        return step
 
     @property
     def is_finite(self) -> bool:
@@ -112,6 +132,7 @@ def run_demo(
     lr: float = 1e-2,
     schedule: FaultSchedule | None = None,
     safe_options: Mapping[str, Any] | None = None,
+    log_dir: str | Path | None = None,
 ) -> DemoResult:
     """Train plain AdamW and ``SafeOptimizer(AdamW)`` side by side under the same faults.
 
@@ -122,12 +143,22 @@ def run_demo(
         schedule: the faults (default :func:`demo_schedule` of ``steps``).
         safe_options: keyword arguments of :class:`~stableopt.SafeOptimizer`
             (default none: its default options).
+        log_dir: if given, the SafeOptimizer run logs to the sinks of
+            :func:`stableopt.sinks.default_sinks` there (a JSON-lines run log, MLflow,
+            TensorBoard, as installed) every 5 steps, and ``run.png`` is drawn from
+            the run log when matplotlib is installed.
     """
     check_int("steps", steps, minimum=MIN_STEPS)
     check_int("seed", seed, minimum=0)
     check_float("lr", lr, minimum=0.0, inclusive_min=False)
     schedule = demo_schedule(steps) if schedule is None else schedule
     options = dict(safe_options or {})
+    monitor = None
+    if log_dir is not None:
+        from stableopt.sinks import default_sinks
+
+        monitor = Monitor(sinks=default_sinks(log_dir), every_steps=5)
+        options["monitor"] = monitor
     task = RegressionTask(seed=seed)
 
     def adamw(params: Any) -> Optimizer:
@@ -138,7 +169,15 @@ def run_demo(
         model = task.make_model()
         plain = adamw(model.parameters())
         safe = SafeOptimizer(plain, **options) if name == "SafeOptimizer" else None
-        run = run_training(model, safe if safe is not None else plain, task, steps, schedule)
+        # the two-constructor swap: SafeOptimizer and SafeLoss, which reports the loss
+        loss_fn = (
+            SafeLoss(nn.functional.mse_loss, optimizer=safe)
+            if safe is not None
+            else nn.functional.mse_loss
+        )
+        run = run_training(
+            model, safe if safe is not None else plain, task, steps, schedule, loss_fn=loss_fn
+        )
         methods.append(
             MethodResult(
                 name=name,
@@ -150,14 +189,26 @@ def run_demo(
                 error=str(run.error) if run.error is not None else None,
             )
         )
+    if monitor is not None and log_dir is not None:
+        monitor.close()
+        _draw(Path(log_dir))
     model = task.make_model()
     reference = run_training(model, adamw(model.parameters()), task, steps)
     return DemoResult(steps, seed, lr, schedule, methods, reference.held_out_loss)
 
 
+def _draw(log_dir: Path) -> None:
+    try:
+        from stableopt.report import draw_report
+
+        draw_report(log_dir / "run.jsonl", log_dir / "run.png")
+    except ImportError as exc:  # matplotlib is an optional extra
+        log.warning("no run.png: %s", exc)
+
+
 _COLUMNS = (
     "method",
-    "first non-finite loss",
+    "broken (NaN loss) since",
     "held-out loss",
     "skipped",
     "rollbacks",
@@ -171,11 +222,7 @@ def format_report(result: DemoResult) -> str:
     """The demo's plain-text report: settings, faults, one table row per method, events."""
     rows = [list(_COLUMNS)]
     for method in result.methods:
-        first = (
-            "never"
-            if method.first_nonfinite_step is None
-            else f"step {method.first_nonfinite_step}"
-        )
+        first = "never" if method.broken_since is None else f"step {method.broken_since}"
         counters = (
             ["-"] * len(_COUNTERS)
             if method.stats is None

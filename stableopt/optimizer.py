@@ -30,14 +30,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stableopt import checkpoint
-from stableopt._checks import check_int
+from stableopt import checkpoint, recommend
+from stableopt._checks import check_choice, check_int
 from stableopt._response import StepResponse
 from stableopt.agc import UnitwiseClip
 from stableopt.clipping import ClipDecision, ClipPolicy, resolve_clip
 from stableopt.emergency import EmergencyClip
 from stableopt.lr import EmergencyLR, PlateauLR, scaled_lr
 from stableopt.monitor import Event, Monitor
+from stableopt.recommend import Recommendation
 from stableopt.rollback import Rollback
 from stableopt.spike import SpikeGuard
 from stableopt.stats import (
@@ -52,6 +53,8 @@ from stableopt.stats import (
 __all__ = ["SafeOptimizer"]
 
 log = logging.getLogger(__name__)
+
+_WEIGHT_CHECKS = ("lazy", "every_step", "off")
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -93,8 +96,13 @@ class SafeOptimizer(StepResponse, Optimizer):
             step that corrupts the weights raises :class:`DivergenceError` at once.
         max_consecutive_failures: raise :class:`DivergenceError` after this many
             consecutive skipped or rolled-back steps (default 10, ``>= 1``).
-        check_weights: check after every update that the weights are finite
-            (default ``True``; one max-abs foreach pass over the updated weights).
+        check_weights: when to check that the weights are finite. ``"lazy"``
+            (default): only when a step's gradients or loss are non-finite (how a NaN
+            weight shows itself at the next step) and before every snapshot, so a
+            healthy step pays nothing and a snapshot never holds a corrupted state;
+            a corrupting update is rolled back at the next step. ``"every_step"``:
+            after every update (one foreach norm pass over the updated weights), so
+            it is rolled back in the same step. ``"off"``: never.
         monitor: where counters and events are kept (default ``Monitor()``).
 
     The string ``"default"`` for a stage means its class built with its defaults.
@@ -119,12 +127,11 @@ class SafeOptimizer(StepResponse, Optimizer):
         plateau: PlateauLR | Literal["default"] | None = "default",
         rollback: Rollback | Literal["default"] | None = "default",
         max_consecutive_failures: int = 10,
-        check_weights: bool = True,
+        check_weights: Literal["lazy", "every_step", "off"] = "lazy",
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
-        if not isinstance(check_weights, bool):
-            raise TypeError(f"check_weights must be a bool, got {check_weights!r}")
+        check_choice("check_weights", check_weights, _WEIGHT_CHECKS)
         if monitor is not None and not isinstance(monitor, Monitor):
             raise TypeError(f"monitor must be a Monitor or None, got {type(monitor).__name__}")
         # Deliberately not Optimizer.__init__: it would build param_groups of its own,
@@ -146,6 +153,7 @@ class SafeOptimizer(StepResponse, Optimizer):
         self._last_grad_norm: Tensor | None = None
         self._last_threshold: Tensor | None = None
         self._observed_loss: tuple[Tensor, int] | None = None
+        self._last_loss: Tensor | None = None
         self._spike_streak = 0
         self._said_no_loss = False
         self._init_hooks()
@@ -223,6 +231,7 @@ class SafeOptimizer(StepResponse, Optimizer):
             self.rollback.take(self.optimizer, self.monitor.counters["steps"] - 1)
 
         step_loss = self._step_loss(loss)
+        self._last_loss = step_loss
         is_fused = self._takes_found_inf(len(params))
         amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
         stats = grad_stats(grads, amp_scale)
@@ -238,7 +247,11 @@ class SafeOptimizer(StepResponse, Optimizer):
         with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
             self._inner_step(grads, flags["is_ok"], decision, is_fused, amp_scale)
         self._observe(stats, step_loss, flags["is_ok"])
-        weights_ok = all_finite(params) if self.check_weights else torch.ones((), dtype=torch.bool)
+        weights_ok = (
+            all_finite(params)
+            if self.check_weights == "every_step"
+            else torch.ones((), dtype=torch.bool)
+        )
         host |= read_flags(
             {**(flags if is_fused else {}), "weights_ok": weights_ok}
         )  # the read after
@@ -407,6 +420,7 @@ class SafeOptimizer(StepResponse, Optimizer):
         stats["emergency_mode"] = self.emergency_lr.in_emergency if self.emergency_lr else False
         stats["lr_factor"] = self.lr_factor
         stats["system_health"] = self.monitor.health
+        stats["loss"] = None if self._last_loss is None else float(self._last_loss)
         stats["grad_norm"] = None if self._last_grad_norm is None else float(self._last_grad_norm)
         stats["clip_threshold"] = (
             None if self._last_threshold is None else float(self._last_threshold)
@@ -416,6 +430,10 @@ class SafeOptimizer(StepResponse, Optimizer):
     def events(self) -> list[Event]:
         """The recent interventions, oldest first."""
         return self.monitor.events()
+
+    def recommendations(self) -> list[Recommendation]:
+        """Plain-language advice from the counters and events, with the numbers behind it."""
+        return recommend.recommendations(self)
 
     # -- checkpoints ------------------------------------------------------------------
 

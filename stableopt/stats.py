@@ -83,14 +83,20 @@ def grad_stats(grads: list[Tensor], scale: Tensor | None = None) -> GradStats:
 def all_finite(tensors: list[Tensor]) -> Tensor:
     """0-dim bool tensor: every value of every tensor is finite.
 
-    Uses the max-abs norm, which propagates NaN and Inf but, unlike the L2 norm,
-    cannot overflow on large finite values.
+    One foreach L2-norm pass accumulated in float32 (a NaN or Inf anywhere makes a
+    norm non-finite). Parameters are detached first: ``nn.Parameter`` is not a
+    plain tensor, and torch's multi-tensor kernels refuse it.
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     first_device = tensors[0].device
-    norms = _norms(tensors, float("inf"))
-    return torch.isfinite(torch.stack([n.to(first_device, torch.float32) for n in norms])).all()
+    norms: list[Tensor] = []
+    for device, group in _by_device_and_dtype([t.detach() for t in tensors]):
+        if _has_foreach_support(group, device):
+            norms.extend(torch._foreach_norm(group, 2.0, dtype=torch.float32))
+        else:
+            norms.extend(torch.linalg.vector_norm(t, 2.0, dtype=torch.float32) for t in group)
+    return torch.isfinite(torch.stack([n.to(first_device) for n in norms]).sum())
 
 
 @torch.no_grad()

@@ -12,7 +12,9 @@ from tests.helpers import batch, make_model, twin
 STEPS = 25
 
 
-def scaled_backward(model: nn.Module, scaler: torch.amp.GradScaler, step: int, poison: bool = False) -> None:
+def scaled_backward(
+    model: nn.Module, scaler: torch.amp.GradScaler, step: int, poison: bool = False
+) -> None:
     x, y = batch(step)
     with torch.autocast("cpu", dtype=torch.float16):
         loss = nn.functional.mse_loss(model(x).float(), y)
@@ -41,7 +43,9 @@ def test_gradscaler_without_clip_is_bit_identical_to_bare(fused: bool) -> None:
             scaler.step(opt)
             scaler.update()
         assert scalers[0].get_scale() == scalers[1].get_scale()
-        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters())), step
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters())), (
+            step
+        )
     stats = safe.stats()
     # the scaler's own overflow skip is not a failure of ours: no skip, no LR cut
     assert stats["skipped_steps"] == 0 and stats["lr_changes"] == 0

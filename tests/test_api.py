@@ -154,7 +154,8 @@ def test_wrapping_twice_is_a_type_error() -> None:
         ({"max_consecutive_failures": 2.5}, TypeError, "max_consecutive_failures"),
         ({"rollback": "sometimes"}, TypeError, "rollback must be"),
         ({"emergency_clip": 3}, TypeError, "emergency_clip must be"),
-        ({"check_weights": "yes"}, TypeError, "check_weights"),
+        ({"check_weights": "yes"}, ValueError, "check_weights must be one of"),
+        ({"check_weights": True}, ValueError, "check_weights must be one of"),
     ],
 )
 def test_bad_options_name_the_argument(

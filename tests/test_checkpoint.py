@@ -29,7 +29,7 @@ FAULTS = {
 
 
 def build(
-    in_state_dict: bool, init_seed: int = 0
+    in_state_dict: bool, init_seed: int = 0, check_weights: str = "every_step"
 ) -> tuple[nn.Module, SafeOptimizer, dict[str, bool]]:
     model = make_model(init_seed)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -42,7 +42,10 @@ def build(
 
     inner.register_step_post_hook(corrupt_hook)
     opt = SafeOptimizer(
-        inner, clip=1.0, rollback=Rollback(every_steps=4, in_state_dict=in_state_dict)
+        inner,
+        clip=1.0,
+        rollback=Rollback(every_steps=4, in_state_dict=in_state_dict),
+        check_weights=check_weights,  # type: ignore[arg-type]
     )
     return model, opt, corrupt
 
