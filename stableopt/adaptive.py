@@ -147,6 +147,7 @@ class ZScoreClip(_AdaptiveClip):
         max_norm: float | None = None,
     ) -> None:
         super().__init__(min_norm, max_norm)
+        self._last_spike: tuple[Tensor, Tensor, Tensor] | None = None
         self.alpha = check_float("alpha", alpha, minimum=0.0, maximum=1.0, inclusive_min=False)
         self.z_thresh = check_float("z_thresh", z_thresh, minimum=0.0, inclusive_min=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
@@ -174,6 +175,8 @@ class ZScoreClip(_AdaptiveClip):
         """The spike threshold on a spike, else ``inf``; clamped into ``[min_norm, max_norm]``."""
         history, norm = self._state(grad_norm)
         is_spike, threshold = self._spike(norm, history)
+        # observe() of the same step needs the same numbers: keep them, not recompute.
+        self._last_spike = (grad_norm, is_spike, threshold)
         return self._bounded(torch.where(is_spike, threshold, math.inf))
 
     def observe(self, grad_norm: Tensor, is_accepted: Tensor) -> None:
@@ -195,7 +198,12 @@ class ZScoreClip(_AdaptiveClip):
         initial_mean = warmup_norms.mean()
         initial_var = (warmup_norms - initial_mean).square().mean()
 
-        is_spike, threshold = self._spike(norm, history)
+        cached = self._last_spike
+        if cached is not None and cached[0] is grad_norm:
+            _, is_spike, threshold = cached
+        else:
+            is_spike, threshold = self._spike(norm, history)
+        self._last_spike = None
         effective = torch.where(is_spike, threshold, norm)
         ema_mean = self.alpha * history["mean"] + (1 - self.alpha) * effective
         ema_var = self.alpha * history["var"] + (1 - self.alpha) * (effective - ema_mean).square()
