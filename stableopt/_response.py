@@ -123,11 +123,11 @@ class StepResponse:
         """In lazy mode, when to look at the weights: a NaN weight shows up as
         non-finite gradients or loss at the next step, and a snapshot must never
         copy a corrupted state."""
-        if self.check_weights != "lazy":
+        if self.check_weights == "off":
             return False
         if not host["grads_finite"] or not host.get("loss_finite", True):
-            return True
-        return (
+            return True  # also with "every_step": weights corrupted between steps
+        return self.check_weights == "lazy" and (
             host["is_ok"]
             and self.rollback is not None
             and self.rollback.is_due(self.monitor.counters["good_steps"] + 1)

@@ -10,12 +10,17 @@ Memory: one copy of every parameter plus every tensor of the inner optimizer's
 state, on ``device`` (``"cpu"``, the default, costs no accelerator memory;
 ``"same"`` keeps it beside the parameters for faster snapshots). For AdamW
 that is 3x the parameter bytes (weights, ``exp_avg``, ``exp_avg_sq``).
+
+Sharded parameters (FSDP2's ``DTensor``): every rank copies and restores only its
+local shard (``to_local()``), so a snapshot costs 3x the *shard* bytes per rank and
+takes no communication. The pipeline decides to take or restore on every rank
+together (its flags are global), so the shards always belong to the same step.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -94,7 +99,7 @@ class Rollback:
         if len(params) != len(self._params):
             raise RuntimeError("the parameter set changed since the snapshot was taken")
         for p, saved in zip(params, self._params):
-            p.copy_(saved, non_blocking=True)
+            _local(p).copy_(saved, non_blocking=True)
         for p, saved_state in zip(params, self._state):
             if saved_state is None:
                 optimizer.state.pop(p, None)
@@ -106,6 +111,7 @@ class Rollback:
                 live[key] = _restore_value(live.get(key), value)
 
     def _copy_into(self, buffer: Tensor | None, source: Tensor) -> Tensor:
+        source = _local(source)
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
             if self.device == "cpu":
                 buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
@@ -125,7 +131,9 @@ class Rollback:
             if isinstance(value, Tensor):
                 previous = old.get(key)
                 buffer = previous.buffer if isinstance(previous, _SavedTensor) else None
-                copied[key] = _SavedTensor(self._copy_into(buffer, value), value.device)
+                copied[key] = _SavedTensor(
+                    self._copy_into(buffer, value), value.device, _dtensor_spec(value)
+                )
             else:
                 copied[key] = value
         return copied
@@ -190,21 +198,54 @@ class Rollback:
 
 
 class _SavedTensor(NamedTuple):
-    buffer: Tensor
+    buffer: Tensor  # the local shard for a DTensor
     device: torch.device  # where the live tensor lives (Adam keeps ``step`` on the CPU)
+    spec: tuple[Any, ...] | None = None  # (mesh, placements, shape, stride) of a DTensor
+
+
+def _dtensor_type() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    return DTensor
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The rank's own values: the local shard of a DTensor, else the tensor itself."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return cast(Any, tensor).to_local()
+    return tensor.detach()
+
+
+def _dtensor_spec(tensor: Tensor) -> tuple[Any, ...] | None:
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return None
+    t: Any = tensor
+    return (t.device_mesh, tuple(t.placements), t.shape, t.stride())
 
 
 def _restore_value(current: Any, saved: Any) -> Any:
     if not isinstance(saved, _SavedTensor):
         return saved
-    if (
-        isinstance(current, Tensor)
-        and current.shape == saved.buffer.shape
-        and current.dtype == saved.buffer.dtype
-    ):
-        current.copy_(saved.buffer, non_blocking=True)
-        return current
-    return saved.buffer.to(saved.device, copy=True)
+    if isinstance(current, Tensor):
+        live = _local(current)
+        if live.shape == saved.buffer.shape and live.dtype == saved.buffer.dtype:
+            live.copy_(saved.buffer, non_blocking=True)
+            return current
+    fresh = saved.buffer.to(saved.device, copy=True)
+    if saved.spec is not None:
+        from torch.distributed.tensor import DTensor
+
+        mesh, placements, shape, stride = saved.spec
+        return DTensor.from_local(
+            fresh, mesh, placements, run_check=False, shape=shape, stride=stride
+        )
+    return fresh
 
 
 def _all_params(optimizer: Optimizer) -> list[Tensor]:
