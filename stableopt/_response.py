@@ -99,7 +99,9 @@ class StepResponse:
 
         trigger = self._lr_trigger(host, cause, stats)
         if self.emergency_lr is not None:
-            self._record_lr_change(self.emergency_lr.update(step, trigger))
+            self._record_lr_change(
+                self.emergency_lr.update(step, trigger, is_healthy=outcome == "ok")
+            )
             if self.emergency_lr.is_exhausted:
                 self._raise_divergence(
                     f"{self.emergency_lr.emergency_cuts} emergency LR cuts without recovering in "

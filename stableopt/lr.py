@@ -95,6 +95,14 @@ class EmergencyLR:
     steps until it is back at 1: a geometric ramp, 0.1 -> 0.2 -> 0.4 -> 0.8 -> 1
     over 20 + 3 x 5 = 35 healthy steps with the defaults, so an isolated fault
     costs little. A new trigger during recovery cuts from where the factor is.
+    A healthy step is an accepted step without a trigger; a step skipped or rolled
+    back without a trigger (an isolated spike skip) is reported with
+    ``update(step, None, is_healthy=False)`` and restarts the count. In formulas,
+    with one cut to ``c`` at step ``k`` and only healthy steps after it, the factor
+    in force at step ``k + 1 + h`` (``h`` healthy steps done) is
+    ``min(1, c * g**j)`` with ``j = 0`` for ``h < a`` and ``j = 1 + (h - a) // e``
+    otherwise (``a``, ``e``, ``g``: ``recovery_after_steps``,
+    ``recovery_every_steps``, ``recovery_growth``).
 
     Bounded: the cuts of one *emergency* (from a cut at factor 1 until the factor
     is back at 1) are at most ``max_emergencies``; one more declares the run
@@ -177,8 +185,16 @@ class EmergencyLR:
             flags["loss_above_threshold"] = loss > self.loss_threshold
         return flags
 
-    def update(self, step: int, trigger: str | None) -> LRChange | None:
-        """Advance one step: cut on ``trigger`` (a reason), otherwise count towards recovery."""
+    def update(self, step: int, trigger: str | None, is_healthy: bool = True) -> LRChange | None:
+        """Advance one step: cut on ``trigger`` (a reason), otherwise count towards recovery.
+
+        ``is_healthy=False`` (a step skipped or rolled back for a reason that is not a
+        trigger, e.g. an isolated loss spike) does not cut but is not a healthy step
+        either: it restarts the recovery clock like a trigger in the cool-down does.
+        """
+        if trigger is None and not is_healthy:
+            self.healthy_steps = 0
+            return None
         if trigger is not None:
             self.healthy_steps = 0
             if self.last_cut_step is not None and step - self.last_cut_step <= self.cooldown_steps:
@@ -302,10 +318,14 @@ class PlateauLR:
 
     def observe(self, loss: Tensor, is_accepted: Tensor) -> None:
         """Append this step's loss to the window if the step was accepted (no sync)."""
-        if self._losses is None or self._losses.device != loss.device:
+        if self._losses is None or self._count is None:
             self._losses = torch.zeros(self.patience_steps, dtype=torch.float64, device=loss.device)
             self._count = torch.zeros((), dtype=torch.int64, device=loss.device)
-        assert self._count is not None
+        elif self._losses.device != loss.device:
+            # A loaded state dict holds CPU tensors: move the window, never drop it
+            # (re-creating it here lost the window on every resume on an accelerator).
+            self._losses = self._losses.to(loss.device)
+            self._count = self._count.to(loss.device)
         position = torch.remainder(self._count, self.patience_steps).reshape(1)
         current = self._losses.index_select(0, position)
         value = torch.where(is_accepted, loss.detach().to(torch.float64).reshape(1), current)

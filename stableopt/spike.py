@@ -138,17 +138,28 @@ class SpikeGuard:
         self.last_grad_norm_z: Tensor | None = None
 
     def check(self, loss: Tensor | None, grad_norm: Tensor) -> dict[str, Tensor]:
-        """Device flags ``loss_spike`` / ``grad_norm_spike`` for this step (no sync)."""
+        """Device flags ``loss_spike`` / ``grad_norm_spike`` for this step (no sync).
+
+        A flag is true when the window holds at least ``min_history`` values and the
+        value is finite with robust z above ``z_threshold``. The z-score is also kept
+        in ``last_loss_z`` / ``last_grad_norm_z`` for the event's reason.
+        """
         flags: dict[str, Tensor] = {}
         if self.watch_loss and loss is not None:
             z, n = self._loss.zscore(loss)
             self.last_loss_z = z
-            flags["loss_spike"] = (n >= self.min_history) & (z > self.z_threshold)
+            flags["loss_spike"] = self._is_spike(loss, z, n)
         if self.watch_grad_norm:
             z, n = self._grad_norm.zscore(grad_norm)
             self.last_grad_norm_z = z
-            flags["grad_norm_spike"] = (n >= self.min_history) & (z > self.z_threshold)
+            flags["grad_norm_spike"] = self._is_spike(grad_norm, z, n)
         return flags
+
+    def _is_spike(self, x: Tensor, z: Tensor, n: Tensor) -> Tensor:
+        # A non-finite value is not a spike: the pipeline skips it as non-finite. Without
+        # the isfinite term +Inf (z = +Inf) was flagged while NaN was not, so an Inf
+        # gradient counted as a spike skip and fed the spike escalation (LR cut, rollback).
+        return (n >= self.min_history) & (z > self.z_threshold) & torch.isfinite(x).to(z.device)
 
     def observe(self, loss: Tensor | None, grad_norm: Tensor, is_accepted: Tensor) -> None:
         """Append this step's values to the history if the step was accepted (no sync)."""

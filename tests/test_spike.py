@@ -1,0 +1,576 @@
+"""The loss-spike guard: robust-z decisions against a numpy reference, exact skips, escalation.
+
+The reference (:func:`reference_spikes`) is written out here with numpy from the
+definition in ``stableopt/spike.py``: a sliding window of the last ``window``
+*accepted* finite values per signal, the median and MAD of the window, the scale
+``max(1.4826 MAD, 0.01 |median|)``, a spike when ``z > z_threshold`` once the
+window holds ``min_history`` values. Convention: for an even number of values the
+median is the LOWER of the two middle values (``torch.nanmedian``'s), see
+``test_even_window_uses_the_lower_median``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard
+from stableopt.bench.faults import RegressionTask
+from tests.helpers import OPTIMIZERS, OptimizerInfo, backward, make_model, same_snapshot, snapshot
+
+
+def scale_grads(model: nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def set_first_grad(model: nn.Module, value: float) -> None:
+    grad = next(model.parameters()).grad
+    assert grad is not None
+    grad.view(-1)[0] = value
+
+
+# ---------------------------------------------------------------------------------
+# the reference
+
+
+def _lower_median(values: np.ndarray) -> float:
+    ordered = np.sort(values)
+    return float(ordered[(len(ordered) - 1) // 2])
+
+
+@dataclass
+class Verdict:
+    """The reference decision of one step."""
+
+    spikes: dict[str, bool]
+    z: dict[str, float]
+
+    @property
+    def is_spike(self) -> bool:
+        return any(self.spikes.values())
+
+
+def reference_spikes(
+    steps: Sequence[dict[str, float]], window: int, z_threshold: float, min_history: int
+) -> list[Verdict]:
+    """Per step: which signals are spikes, judged against the accepted history only.
+
+    A step is accepted when no signal is a spike and every signal is finite; only
+    then do its values enter the history (a NaN never does).
+    """
+    history: dict[str, list[float]] = {}
+    verdicts = []
+    for values in steps:
+        spikes, zs = {}, {}
+        for name, x in values.items():
+            past = np.asarray(history.get(name, [])[-window:], dtype=np.float64)
+            if len(past) >= min_history:
+                median = _lower_median(past)
+                mad = _lower_median(np.abs(past - median))
+                scale = max(1.4826 * mad, 0.01 * abs(median), 1e-12)
+                zs[name] = (x - median) / scale
+                # a non-finite value is skipped as such, never called a spike
+                spikes[name] = math.isfinite(x) and bool(zs[name] > z_threshold)
+            else:
+                zs[name], spikes[name] = math.nan, False
+        verdict = Verdict(spikes, zs)
+        if not verdict.is_spike and all(math.isfinite(x) for x in values.values()):
+            for name, x in values.items():
+                history.setdefault(name, []).append(x)
+        verdicts.append(verdict)
+    return verdicts
+
+
+def as_float32(x: float) -> float:
+    """The value the guard stores (its window is float32)."""
+    return float(np.float32(x))
+
+
+# ---------------------------------------------------------------------------------
+# recorded sequences
+
+
+def record_clean_run(steps: int = 160) -> tuple[list[float], list[float]]:
+    """Loss and total gradient norm of a plain AdamW run on the helpers' MLP."""
+    model = make_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, norms = [], []
+    for step in range(steps):
+        opt.zero_grad()
+        losses.append(float(backward(model, step)))
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        opt.step()
+    return losses, norms
+
+
+LOSSES, NORMS = record_clean_run()
+
+
+def with_faults(values: list[float], faults: dict[int, float]) -> list[float]:
+    """``values`` with entries multiplied by a factor (or replaced by NaN/Inf)."""
+    out = list(values)
+    for i, factor in faults.items():
+        out[i] = factor if not math.isfinite(factor) else out[i] * factor
+    return out
+
+
+def lognormal_with_bursts() -> list[float]:
+    rng = np.random.default_rng(0)
+    values = rng.lognormal(0.0, 0.3, 300)
+    for i, factor in {50: 8.0, 51: 5.0, 120: 20.0, 200: 9.0, 201: 9.0, 202: 9.0}.items():
+        values[i] *= factor
+    values[100] = np.nan
+    values[150] = np.inf
+    return [float(v) for v in values]
+
+
+def near_constant() -> list[float]:
+    """A flat signal: the 1% floor decides (7% above is a spike at z=6, 5% is not)."""
+    rng = np.random.default_rng(1)
+    values = 2.0 + 1e-5 * rng.standard_normal(80)
+    values[40] = 2.0 * 1.05
+    values[60] = 2.0 * 1.07
+    values[61] = np.nan
+    values[62] = 2.0 * 1.07  # the NaN did not enter: still judged against the flat window
+    return [float(v) for v in values]
+
+
+SEQUENCES: dict[str, tuple[list[float], dict[str, Any]]] = {
+    # recorded loss with spikes, a NaN and a spike right after the NaN (OLMo-core's
+    # rolling mean/std would be NaN for the whole window after it)
+    "recorded_loss": (
+        with_faults(LOSSES, {40: 30.0, 70: math.nan, 72: 40.0, 100: 8.0, 101: 8.0, 130: 0.01}),
+        {"window_steps": 32, "min_history": 16},
+    ),
+    "recorded_grad_norm": (
+        with_faults(NORMS, {35: 20.0, 36: 50.0, 90: math.nan, 91: 25.0, 120: 1e4}),
+        {"window_steps": 64, "min_history": 32},
+    ),
+    "lognormal_bursts": (lognormal_with_bursts(), {"window_steps": 16, "min_history": 8}),
+    "lognormal_bursts_defaults": (lognormal_with_bursts(), {}),
+    "near_constant": (near_constant(), {"window_steps": 32, "min_history": 10}),
+    "low_threshold": (with_faults(LOSSES, {50: math.nan}), {"z_threshold": 1.5}),
+}
+
+# decisions the reference must reproduce: a spike right after a NaN (the NaN kept out
+# of the window) and the 1% floor of a flat signal
+MUST: dict[str, dict[int, bool]] = {
+    "recorded_loss": {40: True, 70: False, 72: True},
+    "recorded_grad_norm": {36: True, 90: False, 91: True, 120: True},
+    "lognormal_bursts": {50: True, 100: False, 120: True, 150: False},
+    "near_constant": {40: False, 60: True, 61: False, 62: True},
+}
+
+
+def drive_guard(guard: SpikeGuard, steps: Sequence[dict[str, float]]) -> list[dict[str, bool]]:
+    """Feed a SpikeGuard directly with tensors, accepting a step as SafeOptimizer does."""
+    decisions = []
+    for values in steps:
+        loss = torch.tensor(values["loss"]) if "loss" in values else None
+        grad_norm = torch.tensor(values.get("grad_norm", 1.0))
+        flags = guard.check(loss, grad_norm)
+        is_finite = torch.tensor(all(math.isfinite(v) for v in values.values()))
+        is_spike = torch.zeros((), dtype=torch.bool)
+        for flag in flags.values():
+            is_spike = is_spike | flag
+        guard.observe(loss, grad_norm, is_finite & ~is_spike)
+        decisions.append({name.removesuffix("_spike"): bool(f) for name, f in flags.items()})
+    return decisions
+
+
+@pytest.mark.parametrize("signal", ["loss", "grad_norm"])
+@pytest.mark.parametrize("name", list(SEQUENCES))
+def test_decisions_equal_the_numpy_reference(name: str, signal: str) -> None:
+    raw, options = SEQUENCES[name]
+    values = [as_float32(v) for v in raw]
+    guard = SpikeGuard(
+        **options, watch_loss=signal == "loss", watch_grad_norm=signal == "grad_norm"
+    )
+    steps = [{signal: v} for v in values]
+    got = drive_guard(guard, steps)
+    expected = reference_spikes(steps, guard.window_steps, guard.z_threshold, guard.min_history)
+    assert [d[signal] for d in got] == [v.spikes[signal] for v in expected]
+    assert sum(v.is_spike for v in expected) >= 2, "the sequence must contain spikes"
+    for index, is_spike in MUST.get(name, {}).items():  # the points each sequence is for
+        assert got[index][signal] is is_spike, index
+    # skipped and non-finite values never entered the history
+    state = guard.state_dict()
+    accepted = [
+        v for v, verdict in zip(values, expected) if not verdict.is_spike and math.isfinite(v)
+    ]
+    assert state[f"{signal}_count"] == len(accepted)
+    window = state[signal].numpy()
+    assert np.isfinite(window[: min(len(accepted), guard.window_steps)]).all()
+    assert sorted(window[np.isfinite(window)].tolist()) == sorted(accepted[-guard.window_steps :])
+
+
+def test_both_signals_together_equal_the_reference() -> None:
+    """Loss and gradient norm watched together: a spike in either rejects both values."""
+    loss = with_faults(LOSSES, {40: 30.0, 70: math.nan, 90: 10.0})
+    norms = with_faults(NORMS, {50: 30.0, 51: 30.0, 90: 1.0, 110: math.inf})
+    steps = [{"loss": as_float32(a), "grad_norm": as_float32(b)} for a, b in zip(loss, norms)]
+    guard = SpikeGuard(window_steps=32, min_history=16)
+    got = drive_guard(guard, steps)
+    expected = reference_spikes(steps, 32, 6.0, 16)
+    assert got == [v.spikes for v in expected]
+    spike_steps = {i for i, v in enumerate(expected) if v.is_spike}
+    assert {40, 50, 51, 90} <= spike_steps and not {70, 110} & spike_steps
+    # the z-scores too, not only the decisions
+    guard = SpikeGuard(window_steps=32, min_history=16)
+    for values, verdict in zip(steps, expected):
+        drive_guard(guard, [values])
+        if math.isfinite(verdict.z["loss"]):
+            assert float(guard.last_loss_z) == pytest.approx(verdict.z["loss"], rel=1e-5)  # type: ignore[arg-type]
+
+
+def test_even_window_uses_the_lower_median() -> None:
+    """History [1, 2, 3, 4]: lower median 2, MAD 1 -> x = 10.9 has z = 6.003 (a spike);
+    with the mean of the middle values (numpy: median 2.5, MAD 1) z would be 5.67."""
+    guard = SpikeGuard(window_steps=8, min_history=4, watch_grad_norm=False)
+    drive_guard(guard, [{"loss": v} for v in (1.0, 2.0, 3.0, 4.0)])
+    assert drive_guard(guard, [{"loss": 10.9}]) == [{"loss": True}]
+    assert float(guard.last_loss_z) == pytest.approx((10.9 - 2.0) / 1.4826, rel=1e-6)  # type: ignore[arg-type]
+    assert (10.9 - np.median([1, 2, 3, 4])) / 1.4826 < 6.0
+
+
+def test_only_upward_outliers_and_only_after_min_history() -> None:
+    guard = SpikeGuard(window_steps=8, min_history=5, watch_grad_norm=False)
+    assert (
+        drive_guard(guard, [{"loss": v} for v in (1.0, 1.1, 0.9, 1.0, 1e6)])
+        == [{"loss": False}] * 5
+    )  # 4 values in the window when 1e6 arrives: inactive (and 1e6 was accepted)
+    guard = SpikeGuard(window_steps=8, min_history=5, watch_grad_norm=False)
+    drive_guard(guard, [{"loss": v} for v in (1.0, 1.1, 0.9, 1.0, 1.05)])
+    assert drive_guard(guard, [{"loss": 1e-6}, {"loss": 100.0}]) == [
+        {"loss": False},
+        {"loss": True},
+    ]
+
+
+# ---------------------------------------------------------------------------------
+# the same decisions through SafeOptimizer
+
+
+def _ids(infos: list[OptimizerInfo]) -> list[str]:
+    return [repr(i) for i in infos]
+
+
+ADAMW = [i for i in OPTIMIZERS if i.name in ("AdamW-foreach", "AdamW-fused")]
+
+
+@pytest.mark.parametrize("info", ADAMW, ids=_ids(ADAMW))
+def test_safe_optimizer_skips_exactly_the_reference_spikes(info: OptimizerInfo) -> None:
+    model = make_model()
+    opt = SafeOptimizer(
+        info.build(model.parameters()), spike=SpikeGuard(window_steps=32, min_history=16)
+    )
+    grad_faults = {45: 30.0, 80: 25.0, 81: 25.0, 100: 0.01}
+    loss_faults = {60: 50.0, 70: math.nan, 73: 40.0}  # observed loss only: grads stay normal
+    recorded = []
+    for step in range(130):
+        opt.zero_grad()
+        loss = backward(model, step)
+        scale_grads(model, grad_faults.get(step, 1.0))
+        observed = loss * loss_faults[step] if step in loss_faults else loss
+        if step == 70:
+            observed = torch.tensor(math.nan)
+        opt.observe_loss(observed)
+        skips_before = opt.stats()["spike_skips"]
+        opt.step()
+        recorded.append(
+            (
+                {"loss": as_float32(float(observed)), "grad_norm": opt.stats()["grad_norm"]},
+                opt.stats()["spike_skips"] > skips_before,
+            )
+        )
+    expected = reference_spikes([values for values, _ in recorded], 32, 6.0, 16)
+    assert [skipped for _, skipped in recorded] == [v.is_spike for v in expected]
+    spike_steps = {i for i, v in enumerate(expected) if v.is_spike}
+    # the injected ones (the per-batch loss of this task has a few natural outliers too)
+    assert {45, 60, 73, 80, 81} <= spike_steps and 70 not in spike_steps
+    stats = opt.stats()
+    assert stats["spike_skips"] == len(spike_steps)
+    assert stats["skipped_steps"] == len(spike_steps) + 1  # + the NaN loss
+    reasons = {e.step - 1: e.reason for e in opt.events() if e.kind == "skip"}
+    assert reasons.keys() == spike_steps | {70}
+    assert reasons[45].startswith("gradient-norm spike (")
+    assert reasons[60].startswith("loss spike (robust z = ")
+    assert "NaN/Inf" in reasons[70]  # a non-finite skip, not a spike
+
+
+# ---------------------------------------------------------------------------------
+# a spike skip changes nothing
+
+SKIP_VARIANTS = [
+    i
+    for i in OPTIMIZERS
+    if i.name in ("AdamW-foreach", "AdamW-fused", "AdamW-forloop", "SGD-fused", "Adam-foreach")
+]
+
+
+@pytest.mark.parametrize("signal", ["grad_norm", "loss"])
+@pytest.mark.parametrize("info", SKIP_VARIANTS, ids=_ids(SKIP_VARIANTS))
+def test_a_spike_skip_leaves_weights_and_state_bit_identical(
+    info: OptimizerInfo, signal: str
+) -> None:
+    model = make_model()
+    opt = SafeOptimizer(info.build(model.parameters()))  # all defaults
+    for step in range(40):  # past min_history=32
+        opt.zero_grad()
+        opt.observe_loss(backward(model, step))
+        opt.step()
+    assert opt.stats()["spike_skips"] == 0
+    opt.zero_grad()
+    loss = backward(model, 40)
+    if signal == "grad_norm":
+        scale_grads(model, 50.0)  # 50x: far out, yet below the emergency threshold (1000)
+    else:
+        loss = loss * 100.0
+    opt.observe_loss(loss)
+    before = snapshot(model, opt)
+    opt.step()
+    assert same_snapshot(before, snapshot(model, opt))
+    stats = opt.stats()
+    assert stats["spike_skips"] == 1 and stats["skipped_steps"] == 1 and stats["good_steps"] == 40
+    assert stats["lr_changes"] == 0  # one spike: no LR cut
+    event = opt.events()[-1]
+    assert event.step == 41 and event.kind == "skip"
+    assert event.reason.startswith("loss spike" if signal == "loss" else "gradient-norm spike")
+    # the next, normal step runs
+    opt.zero_grad()
+    opt.observe_loss(backward(model, 41))
+    opt.step()
+    assert not same_snapshot(before, snapshot(model, opt))
+
+
+# ---------------------------------------------------------------------------------
+# escalation
+
+
+def escalating_run(
+    burst: range, after: dict[int, str], max_consecutive_failures: int = 10
+) -> tuple[nn.Module, SafeOptimizer, dict[int, Any]]:
+    model = make_model()
+    opt = SafeOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        spike=SpikeGuard(window_steps=16, min_history=8),
+        rollback=Rollback(every_steps=8),
+        max_consecutive_failures=max_consecutive_failures,
+    )
+    saved: dict[int, Any] = {}
+    for step in range(1, burst.stop + len(after)):
+        opt.zero_grad()
+        opt.observe_loss(backward(model, step))
+        if step in burst:
+            scale_grads(model, 100.0)
+        elif after.get(step) == "nan":
+            set_first_grad(model, math.nan)
+        elif after.get(step) == "spike":
+            scale_grads(model, 100.0)
+        opt.step()
+        saved[step] = snapshot(model, opt)
+    return model, opt, saved
+
+
+def test_a_burst_of_spikes_escalates_to_a_cut_then_a_rollback() -> None:
+    # 20 good steps (snapshots after good steps 8 and 16), then 6 consecutive spikes
+    model, opt, saved = escalating_run(range(21, 27), {27: "spike"})
+    events = [(e.step, e.kind) for e in opt.events()]
+    assert events == [
+        (21, "skip"),
+        (22, "skip"),
+        (23, "skip"),
+        (23, "lr_cut"),
+        (24, "skip"),
+        (25, "skip"),
+        (26, "skip"),
+        (26, "rollback"),
+    ]
+    cut = next(e for e in opt.events() if e.kind == "lr_cut")
+    assert cut.reason.startswith("3 consecutive loss/gradient spikes")
+    assert (cut.data["old_factor"], cut.data["new_factor"]) == (1.0, 0.1)
+    rollback = next(e for e in opt.events() if e.kind == "rollback")
+    assert (
+        rollback.reason.startswith("6 consecutive spikes") and rollback.data["snapshot_step"] == 16
+    )
+    # the weights and the optimizer state are the snapshot's (after step 16), not step 20's
+    assert same_snapshot(saved[26], saved[16]) and not same_snapshot(saved[20], saved[16])
+    for step in range(21, 26):  # the skips changed nothing
+        assert same_snapshot(saved[step], saved[20])
+    # history cleared: the guard warms up again and takes the 7th 100x step as the new normal
+    assert not same_snapshot(saved[27], saved[26])
+    state = opt.spike.state_dict()  # type: ignore[union-attr]
+    assert state["grad_norm_count"] == 1 and state["loss_count"] == 1
+    assert int(torch.isfinite(state["grad_norm"]).sum()) == 1
+    stats = opt.stats()
+    assert stats["spike_skips"] == 6 and stats["rollbacks"] == 1 and stats["skipped_steps"] == 6
+    assert stats["consecutive_failures"] == 0 and stats["lr_factor"] == 0.1
+
+
+def test_failures_past_the_rollback_raise_divergence() -> None:
+    with pytest.raises(DivergenceError) as caught:
+        escalating_run(range(21, 27), {27: "nan", 28: "nan"}, max_consecutive_failures=8)
+    error = caught.value
+    assert error.stats["consecutive_failures"] == 8 and error.stats["steps"] == 28
+    assert error.stats["spike_skips"] == 6 and error.stats["rollbacks"] == 1
+    assert error.events[-1].kind == "divergence"
+    assert "8 consecutive steps were skipped or rolled back" in str(error)
+
+
+def test_non_finite_gradients_are_not_spikes() -> None:
+    """+Inf has z = +Inf: it must count as a non-finite skip, not feed the spike escalation."""
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for step in range(46):
+        opt.zero_grad()
+        opt.observe_loss(backward(model, step))
+        if step >= 40:  # 6 consecutive steps: a spike streak this long would roll back
+            set_first_grad(model, math.inf)
+        opt.step()
+    stats = opt.stats()
+    assert stats["skipped_steps"] == 6 and stats["spike_skips"] == 0 and stats["rollbacks"] == 0
+    assert all("NaN/Inf" in e.reason for e in opt.events() if e.kind == "skip")
+
+
+# ---------------------------------------------------------------------------------
+# the guard pays off: poisoned batches and a burst of bad updates
+
+
+def train(
+    task: RegressionTask, faults: dict[int, str], *, spike: Any, clip: Any = None
+) -> tuple[float, SafeOptimizer]:
+    model = task.make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=3e-3), clip=clip, spike=spike)
+    for step in range(1, 301):
+        x, y = task.batch(step)
+        if faults.get(step) == "poison":
+            y = y * 1e4
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if faults.get(step) == "bad_update":  # the gradient points uphill, 30x too long
+            scale_grads(model, -30.0)
+        elif faults.get(step) == "nan":
+            set_first_grad(model, math.nan)
+        opt.observe_loss(loss.detach())
+        opt.step()
+    with torch.no_grad():
+        x, y = task.held_out()
+        return float(nn.functional.mse_loss(model(x), y)), opt
+
+
+POISON = dict.fromkeys((80, 150, 220), "poison")
+BURST = dict.fromkeys(range(150, 155), "bad_update")
+
+
+@pytest.mark.parametrize("faults", [POISON, BURST], ids=["poisoned_batches", "bad_update_burst"])
+def test_the_guard_ends_closer_to_the_clean_run(
+    faults: dict[int, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without clipping (the guard's own job): held-out loss vs. the clean run's.
+
+    With the default ZClip clipping on as well, the guard does not pay off on this
+    task (measured, seeds 0-2: the guarded run ends 0.001-0.08 further from the clean
+    run): a clipped poisoned batch is nearly harmless (its gradient still points along
+    the targets) and both runs get the same LR cut (norm > 1000), while for the burst
+    the guard's own escalation (LR cut at the 3rd spike, rollback at the 6th to a
+    snapshot up to 100 steps old) costs more than five clipped bad updates. The next
+    test pins down what the guard does there: exactly an oracle skip.
+    """
+    caplog.set_level(logging.ERROR, logger="stableopt")
+    task = RegressionTask()
+    clean, _ = train(task, {}, spike="default")
+    guarded, opt = train(task, faults, spike="default")
+    unguarded, _ = train(task, faults, spike=None)
+    assert opt.stats()["spike_skips"] == len(faults)
+    assert abs(guarded - clean) < 0.5 * abs(unguarded - clean), (clean, guarded, unguarded)
+
+
+def test_with_default_clipping_a_spike_skip_is_exactly_an_oracle_skip(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """All defaults: the poisoned batches are skipped, nothing else is; the run is bit for
+    bit the run that is told which batches were bad (NaN gradients on exactly those steps)."""
+    caplog.set_level(logging.ERROR, logger="stableopt")
+    task = RegressionTask()
+    guarded, opt = train(task, POISON, spike="default", clip="zscore")
+    oracle, oracle_opt = train(task, dict.fromkeys(POISON, "nan"), spike="default", clip="zscore")
+    assert guarded == oracle
+    stats, oracle_stats = opt.stats(), oracle_opt.stats()
+    assert stats["spike_skips"] == 3 and oracle_stats["spike_skips"] == 0
+    assert stats["skipped_steps"] == oracle_stats["skipped_steps"] == 3
+    assert stats["lr_changes"] == oracle_stats["lr_changes"]
+
+
+# ---------------------------------------------------------------------------------
+# checkpoint and arguments
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    steps = [{"loss": as_float32(v)} for v in with_faults(LOSSES, {30: 20.0, 50: math.nan})]
+    guard = SpikeGuard(window_steps=16, min_history=8, watch_grad_norm=False)
+    drive_guard(guard, steps[:60])
+    buffer = io.BytesIO()
+    torch.save(guard.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = SpikeGuard(window_steps=16, min_history=8, watch_grad_norm=False)
+    resumed.load_state_dict(torch.load(buffer))
+    tail = steps[60:] + [{"loss": 50.0}]
+    assert drive_guard(resumed, tail) == drive_guard(guard, tail)
+    assert drive_guard(resumed, [{"loss": 50.0}]) == [{"loss": True}]
+    for key, value in guard.state_dict().items():
+        other = resumed.state_dict()[key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
+    ({"window_steps": 7}, ValueError, "window_steps"),
+    ({"window_steps": 16.0}, TypeError, "window_steps"),
+    ({"window_steps": True}, TypeError, "window_steps"),
+    ({"z_threshold": 0}, ValueError, "z_threshold"),
+    ({"z_threshold": -1.0}, ValueError, "z_threshold"),
+    ({"z_threshold": math.nan}, ValueError, "z_threshold"),
+    ({"z_threshold": math.inf}, ValueError, "z_threshold"),
+    ({"z_threshold": "6"}, TypeError, "z_threshold"),
+    ({"min_history": 2}, ValueError, "min_history"),
+    ({"min_history": 200}, ValueError, "min_history"),
+    ({"min_history": 3.5}, TypeError, "min_history"),
+    ({"watch_loss": 1}, TypeError, "watch_loss"),
+    ({"watch_grad_norm": "yes"}, TypeError, "watch_grad_norm"),
+    ({"watch_loss": False, "watch_grad_norm": False}, ValueError, "watch_loss"),
+    ({"cut_after": 0}, ValueError, "cut_after"),
+    ({"cut_after": None}, TypeError, "cut_after"),
+    ({"rollback_after": 3}, ValueError, "rollback_after"),
+    ({"cut_after": 5, "rollback_after": 5}, ValueError, "rollback_after"),
+    ({"rollback_after": 6.0}, TypeError, "rollback_after"),
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, name", BAD_ARGUMENTS, ids=[str(k) for k, _, _ in BAD_ARGUMENTS]
+)
+def test_bad_arguments_name_the_argument(
+    kwargs: dict[str, Any], error: type[Exception], name: str
+) -> None:
+    with pytest.raises(error, match=name):
+        SpikeGuard(**kwargs)
+
+
+def test_defaults_and_repr() -> None:
+    guard = SpikeGuard()
+    assert (guard.window_steps, guard.z_threshold, guard.min_history) == (128, 6.0, 32)
+    assert (guard.cut_after, guard.rollback_after) == (3, 6)
+    assert guard.watch_loss and guard.watch_grad_norm
+    assert "window_steps=128" in repr(guard)
