@@ -174,7 +174,9 @@ class GradNormProbe(pl.Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         # runs inside the closure, before Lightning's configure_gradient_clipping
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.before_clip.append(float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))))
+        self.before_clip.append(
+            float(torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads])))
+        )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         self.recorded.append(pl_module.safe.stats()["grad_norm"])
