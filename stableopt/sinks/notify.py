@@ -27,6 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import weakref
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -47,7 +48,7 @@ _TELEGRAM_MAX_CHARS = 4096  # sendMessage's limit on the text
 _STOP = object()
 
 
-class Notifier:
+class Notifier(ABC):
     """Base of the notifiers: kind filter, rate limit, worker thread, drain on close.
 
     A subclass implements :meth:`_send`. Args (shared by every notifier):
@@ -117,7 +118,7 @@ class Notifier:
         except queue.Full:
             self.queue_full += 1
 
-    def on_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
+    def on_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:  # noqa: B027
         """Nothing: notifiers speak only when something happens."""
 
     def close(self) -> None:
@@ -150,8 +151,9 @@ class Notifier:
         )
         return f"{run}stableopt: step {event.step}: {event.kind}: {event.reason}{more}"
 
+    @abstractmethod
     def _send(self, event: Event, suppressed: int) -> None:
-        raise NotImplementedError
+        """Deliver one notification (runs on the worker thread)."""
 
     def _work(self) -> None:
         while True:
