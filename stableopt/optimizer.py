@@ -46,7 +46,6 @@ from stableopt.stats import (
     all_finite,
     grad_stats,
     read_flags,
-    reduce_across_ranks,
     scale_,
 )
 
@@ -152,7 +151,9 @@ class SafeOptimizer(StepResponse, Optimizer):
         self.monitor = monitor if monitor is not None else Monitor()
         self._last_grad_norm: Tensor | None = None
         self._last_threshold: Tensor | None = None
-        self._observed_loss: tuple[Tensor, int] | None = None
+        # Mutated, never rebound: wrappers that copy our __dict__ (Lightning's
+        # LightningOptimizer) share this list, so observe_loss() through them reaches us.
+        self._observed_losses: list[Tensor] = []
         self._last_loss: Tensor | None = None
         self._spike_streak = 0
         self._said_no_loss = False
@@ -204,11 +205,9 @@ class SafeOptimizer(StepResponse, Optimizer):
         the next ``step()``. ``SafeLoss`` calls this for you; so does ``step(closure)``.
         """
         value = torch.as_tensor(loss).detach().float().mean()
-        if self._observed_loss is None:
-            self._observed_loss = (value, 1)
-        else:
-            total, count = self._observed_loss
-            self._observed_loss = (total + value.to(total.device), count + 1)
+        if self._observed_losses:
+            value = value.to(self._observed_losses[0].device)
+        self._observed_losses.append(value)
 
     # -- the pipeline ------------------------------------------------------------
 
@@ -230,11 +229,11 @@ class SafeOptimizer(StepResponse, Optimizer):
             # The state before this step is good: it was verified after the last step.
             self.rollback.take(self.optimizer, self.monitor.counters["steps"] - 1)
 
-        step_loss = self._step_loss(loss)
-        self._last_loss = step_loss
         is_fused = self._takes_found_inf(len(params))
         amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
-        stats = grad_stats(grads, amp_scale)
+        # The loss mean over ranks rides in the gradient norm's collective (one per step).
+        stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
+        step_loss = self._last_loss = stats.loss
         decision = self._clip_decision(stats, grads, params)
         flags = self._decision_flags(stats, decision, step_loss, amp_found_inf)
         host: dict[str, bool] = {}
@@ -287,22 +286,22 @@ class SafeOptimizer(StepResponse, Optimizer):
         return amp_scale, amp_found_inf
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
-        observed, self._observed_loss = self._observed_loss, None
+        """This rank's loss for the step (the closure's, else the mean of the observed ones)."""
+        observed = list(self._observed_losses)
+        self._observed_losses.clear()
         if isinstance(closure_loss, Tensor):
-            value = closure_loss.detach().float().mean()
-        elif observed is not None:
-            value = observed[0] / observed[1]
-        else:
-            if not self._said_no_loss and (
-                self.plateau is not None or (self.spike and self.spike.watch_loss)
-            ):
-                log.info(
-                    "no loss seen: plateau scheduling and the loss-spike guard are inactive until "
-                    "step(closure), SafeLoss(optimizer=...) or opt.observe_loss(loss) provides one"
-                )
-                self._said_no_loss = True
-            return None
-        return reduce_across_ranks(value)
+            return closure_loss.detach().float().mean()
+        if observed:
+            return observed[0] if len(observed) == 1 else torch.stack(observed).mean()
+        if not self._said_no_loss and (
+            self.plateau is not None or (self.spike and self.spike.watch_loss)
+        ):
+            log.info(
+                "no loss seen: plateau scheduling and the loss-spike guard are inactive until "
+                "step(closure), SafeLoss(optimizer=...) or opt.observe_loss(loss) provides one"
+            )
+            self._said_no_loss = True
+        return None
 
     def _clip_decision(
         self, stats: GradStats, grads: list[Tensor], params: list[Tensor]

@@ -108,7 +108,7 @@ class Rollback:
             for key in [k for k in live if k not in saved_state]:
                 del live[key]
             for key, value in saved_state.items():
-                live[key] = _restore_value(live.get(key), value)
+                live[key] = _restore_value(live.get(key), value, p)
 
     def _copy_into(self, buffer: Tensor | None, source: Tensor) -> Tensor:
         source = _local(source)
@@ -229,7 +229,8 @@ def _dtensor_spec(tensor: Tensor) -> tuple[Any, ...] | None:
     return (t.device_mesh, tuple(t.placements), t.shape, t.stride())
 
 
-def _restore_value(current: Any, saved: Any) -> Any:
+def _restore_value(current: Any, saved: Any, param: Tensor) -> Any:
+    """The live state value holding ``saved``: copied in place where the shapes allow."""
     if not isinstance(saved, _SavedTensor):
         return saved
     if isinstance(current, Tensor):
@@ -238,10 +239,15 @@ def _restore_value(current: Any, saved: Any) -> Any:
             live.copy_(saved.buffer, non_blocking=True)
             return current
     fresh = saved.buffer.to(saved.device, copy=True)
-    if saved.spec is not None:
+    spec = saved.spec
+    if spec is None and saved.buffer.shape == _local(param).shape:
+        # Loaded from a state dict (which holds no mesh): a tensor shaped like the
+        # parameter's shard is sharded like it (Adam's exp_avg, exp_avg_sq).
+        spec = _dtensor_spec(param)
+    if spec is not None:
         from torch.distributed.tensor import DTensor
 
-        mesh, placements, shape, stride = saved.spec
+        mesh, placements, shape, stride = spec
         return DTensor.from_local(
             fresh, mesh, placements, run_check=False, shape=shape, stride=stride
         )

@@ -7,16 +7,28 @@ where a reduction over shards or ranks belongs. The arithmetic of
 stacked vector norm, one ``_foreach_mul_``), so a fixed clip through stableopt is
 bit-identical to it.
 
-Sharded gradients (FSDP2's ``DTensor``): ``torch._foreach_norm`` of a DTensor is a
-*partial* norm (``_NormPartial(2)``: each rank holds the norm of its shard), which
-``clip_grad_norm_`` leaves for the caller to reduce (``total_norm.full_tensor()``).
-Here the reduction happens in one place, :func:`_global_sum_of_squares`: the local
-shards (``to_local()``) are normed with the same foreach kernels, squared, summed,
-all-reduced (``SUM``) over the mesh dimensions the tensors are sharded on, and the
-square root taken: exactly DTensor's ``x**2 -> all_reduce(sum) -> x**0.5``. So the
-norm, the finite flag derived from it and :func:`all_finite` are global, and every
-rank reads the same flags. Plain tensors (one process, DDP) take no collective and
-the arithmetic is unchanged.
+Distributed runs. Every collective of the module goes through :func:`_sum_over_ranks`:
+
+* Sharded gradients (FSDP2's ``DTensor``): ``torch._foreach_norm`` of a DTensor is a
+  *partial* norm (``_NormPartial(2)``: each rank holds the norm of its shard), which
+  ``clip_grad_norm_`` leaves for the caller to reduce (``total_norm.full_tensor()``).
+  Here the local shards (``to_local()``) are normed with the same foreach kernels,
+  squared, summed over the ranks of the mesh dimensions they are sharded on, and
+  the square root taken: DTensor's own ``x**2 -> all_reduce(sum) -> x**0.5``, so the
+  norm is bit-identical to ``clip_grad_norm_(...).full_tensor()``.
+* The loss (each rank sees its own batch) is averaged over all ranks. Passed to
+  :func:`grad_stats`, it rides in the same ``all_reduce`` as the squared gradient
+  norm when the shards span all ranks (FSDP2 on one mesh): one collective of two
+  numbers per step.
+* The weight check (:func:`all_finite`) sums a local "bad" flag (a logical OR of
+  non-finite shards), so a NaN in any rank's shard is seen by every rank.
+* Flags that are themselves ``DTensor``\\ s (a unit-wise clip on sharded
+  parameters) are made whole in :func:`read_flags` before the host read.
+
+So every flag the host reads is computed from identical inputs on every rank and
+every rank decides the same. Plain tensors (one process, DDP, whose gradients
+arrive already all-reduced) take no collective except the loss mean, and the
+single-process arithmetic is unchanged.
 """
 
 from __future__ import annotations
@@ -38,19 +50,25 @@ __all__ = [
     "total_norm",
 ]
 
+#: Reduce over all ranks of the default process group.
+_WORLD = "world"
+
 
 class GradStats(NamedTuple):
     """Statistics of one step's gradients, all 0-dim tensors on the first gradient's device.
 
     Attributes:
-        grad_norm: total L2 norm of all gradients (pre-clip).
+        grad_norm: total L2 norm of all gradients (pre-clip), over all shards.
         is_finite: ``True`` when every gradient value is finite. Derived from the norm
             (a NaN or Inf anywhere makes the norm non-finite), so it costs no extra pass;
             a finite gradient whose norm overflows the dtype also counts as non-finite.
+        loss: the mean over ranks of the ``loss`` given to :func:`grad_stats`
+            (``None`` when none was given).
     """
 
     grad_norm: Tensor
     is_finite: Tensor
+    loss: Tensor | None = None
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
@@ -68,6 +86,21 @@ def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype | None = None) 
     return norms
 
 
+def _stacked_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype | None) -> Tensor:
+    """``clip_grad_norm_``'s total norm: per-tensor foreach norms, stacked, normed."""
+    norms = _norms(tensors, 2.0, dtype)
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+
+
+# -- distributed plumbing --------------------------------------------------------------
+
+
+def _world_size() -> int:
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size()
+
+
 def _dtensor_type() -> type | None:
     if not dist.is_available():
         return None
@@ -79,10 +112,12 @@ def _dtensor_type() -> type | None:
 
 
 def _split_sharded(tensors: list[Tensor]) -> tuple[list[Tensor], dict[Any, list[Tensor]]]:
-    """Plain tensors, and the local shards of DTensors keyed by how to reduce them.
+    """Plain tensors, and the local shards of DTensors keyed by the groups to reduce them over.
 
     The key is the tuple of process groups of the mesh dimensions a DTensor is
-    sharded (or partial) on; a DTensor replicated everywhere counts as plain.
+    sharded (or partial) on, or ``_WORLD`` when that is a single group spanning all
+    ranks (FSDP2 on a 1-D mesh). A DTensor replicated everywhere counts as plain
+    (its local tensor is the whole value, the same on every rank).
     """
     dtensor = _dtensor_type()
     plain: list[Tensor] = []
@@ -92,39 +127,79 @@ def _split_sharded(tensors: list[Tensor]) -> tuple[list[Tensor], dict[Any, list[
             plain.append(tensor)
             continue
         t: Any = tensor
-        mesh = t.device_mesh
-        dims = tuple(i for i, pl in enumerate(t.placements) if not pl.is_replicate())
+        dims = [i for i, placement in enumerate(t.placements) if not placement.is_replicate()]
         local = t.to_local()
         if not dims:
             plain.append(local)
+            continue
+        groups = tuple(t.device_mesh.get_group(i) for i in dims)
+        if len(groups) == 1 and dist.get_world_size(groups[0]) == dist.get_world_size():
+            key: Any = _WORLD
         else:
-            groups = tuple(mesh.get_group(i) for i in dims)
-            sharded.setdefault(groups, []).append(local)
+            key = groups
+        sharded.setdefault(key, []).append(local)
     return plain, sharded
 
 
-def _stacked_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype | None) -> Tensor:
-    norms = _norms(tensors, 2.0, dtype)
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+def _sum_over_ranks(parts: list[tuple[Any, Tensor]]) -> list[Tensor]:
+    """Sum each 0-dim tensor over the ranks of its key (``_WORLD`` or a tuple of groups).
 
-
-def _global_sum_of_squares(
-    sharded: dict[Any, list[Tensor]], device: torch.device, dtype: torch.dtype | None
-) -> Tensor:
-    """Sum over ranks of the squared norms of local shards: the one collective of a step.
-
-    One ``all_reduce`` per distinct set of shard groups (FSDP2 on one mesh: exactly one,
-    of a single scalar). Every rank holds the same DTensor parameters, so every rank
-    enters the same collectives in the same order.
+    The only place this module communicates. All parts keyed ``_WORLD`` share one
+    ``all_reduce`` (of a vector of that many numbers); a part sharded over a strict
+    subset of the ranks (HSDP, 2-D meshes) takes one ``all_reduce`` per mesh
+    dimension. Every rank passes the same keys in the same order (the same
+    parameters, the same arguments), so every rank enters the same collectives.
+    Without a process group, or with one rank, the values come back unchanged.
     """
-    total: Tensor | None = None
-    for groups, locals_ in sharded.items():
-        square = _stacked_norm(locals_, device, dtype).square()
-        for group in groups:
-            dist.all_reduce(square, op=dist.ReduceOp.SUM, group=group)
-        total = square if total is None else total + square
-    assert total is not None
-    return total
+    if not parts or _world_size() == 1:
+        return [value for _, value in parts]
+    buckets: dict[Any, list[int]] = {}
+    for index, (key, _) in enumerate(parts):
+        buckets.setdefault(key, []).append(index)
+    out: list[Tensor | None] = [None] * len(parts)
+    for key, indices in buckets.items():
+        values = [parts[i][1] for i in indices]
+        device = values[0].device
+        dtype = values[0].dtype
+        for value in values[1:]:
+            dtype = torch.promote_types(dtype, value.dtype)
+        packed = torch.stack([v.to(device, dtype).reshape(()) for v in values])
+        for group in (None,) if key == _WORLD else key:
+            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        for i, value in zip(indices, packed.unbind(0)):
+            out[i] = value.to(parts[i][1].device, parts[i][1].dtype)
+    return cast(list[Tensor], out)
+
+
+# -- statistics ------------------------------------------------------------------------
+
+
+def _norm_and_sum(
+    tensors: list[Tensor], extra: Tensor | None, device: torch.device | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Global total norm of ``tensors`` and ``extra`` summed over all ranks, in one collective."""
+    if not tensors:
+        norm = torch.zeros((), device=device)
+        return norm, None if extra is None else _sum_over_ranks([(_WORLD, extra)])[0]
+    plain, sharded = _split_sharded(tensors)
+    if not sharded:
+        # One process or DDP: clip_grad_norm_'s arithmetic, no collective for the norm.
+        first_device = plain[0].device
+        norm = _stacked_norm(plain, first_device, None)
+        return norm, None if extra is None else _sum_over_ranks([(_WORLD, extra)])[0]
+    first_device = next(iter(sharded.values()))[0].device
+    parts = [
+        (key, _stacked_norm(local, first_device, None).square()) for key, local in sharded.items()
+    ]
+    if extra is not None:
+        parts.append((_WORLD, extra))
+    sums = _sum_over_ranks(parts)
+    square = sums[0]
+    for part in sums[1 : len(sharded)]:
+        square = square + part
+    if plain:  # replicated tensors beside the shards: the same on every rank
+        square = square + _stacked_norm(plain, first_device, None).square()
+    return square.sqrt(), None if extra is None else sums[-1]
 
 
 @torch.no_grad()
@@ -134,31 +209,30 @@ def total_norm(tensors: list[Tensor], device: torch.device | None = None) -> Ten
     DTensor shards are reduced across ranks (see the module docstring): the result
     is the global norm, a plain tensor, the same on every rank.
     """
-    if not tensors:
-        return torch.zeros((), device=device)
-    plain, sharded = _split_sharded(tensors)
-    if not sharded:
-        first_device = tensors[0].device
-        norms = _norms(tensors, 2.0)
-        return torch.linalg.vector_norm(torch.stack([n.to(first_device) for n in norms]), 2.0)
-    first_device = next(iter(sharded.values()))[0].device
-    square = _global_sum_of_squares(sharded, first_device, None)
-    if plain:
-        square = square + _stacked_norm(plain, first_device, None).square()
-    return square.sqrt()
+    return _norm_and_sum(tensors, None, device)[0]
 
 
 @torch.no_grad()
-def grad_stats(grads: list[Tensor], scale: Tensor | None = None) -> GradStats:
-    """Total norm and finite flag of ``grads`` in one foreach pass.
+def grad_stats(
+    grads: list[Tensor], scale: Tensor | None = None, loss: Tensor | None = None
+) -> GradStats:
+    """Total norm and finite flag of ``grads`` in one foreach pass (and at most one collective).
 
     ``scale`` is a loss scale the gradients still carry (GradScaler's): the norm is
     divided by it, so policies see the unscaled norm without a pass to unscale.
+    ``loss`` is this rank's loss (a 0-dim tensor); :attr:`GradStats.loss` is its mean
+    over all ranks, reduced in the same ``all_reduce`` as the sharded gradients'
+    norm (:func:`reduce_across_ranks` without a second collective).
     """
-    grad_norm = total_norm(grads)
+    local_loss = None if loss is None else loss.detach().reshape(())
+    grad_norm, loss_sum = _norm_and_sum(grads, local_loss)
     if scale is not None:
         grad_norm = grad_norm / scale.to(grad_norm.device, grad_norm.dtype)
-    return GradStats(grad_norm=grad_norm, is_finite=torch.isfinite(grad_norm))
+    mean_loss = None
+    if local_loss is not None and loss_sum is not None:
+        world_size = _world_size()
+        mean_loss = local_loss if world_size == 1 else loss_sum / world_size
+    return GradStats(grad_norm=grad_norm, is_finite=torch.isfinite(grad_norm), loss=mean_loss)
 
 
 @torch.no_grad()
@@ -168,26 +242,40 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     One foreach L2-norm pass accumulated in float32 (a NaN or Inf anywhere makes a
     norm non-finite). Parameters are detached first: ``nn.Parameter`` is not a
     plain tensor, and torch's multi-tensor kernels refuse it. For DTensors (FSDP2)
-    the local shards are checked and the sum of squared norms is all-reduced, so a
-    NaN in any rank's shard makes the result ``False`` on every rank (an AND).
+    each rank checks its local shards and the "bad" flags are summed over the ranks
+    holding shards (one ``all_reduce`` of one number): a logical AND, so a NaN in
+    any rank's shard makes the result ``False`` on every rank.
     """
     if not tensors:
         return torch.ones((), dtype=torch.bool)
     plain, sharded = _split_sharded([t.detach() for t in tensors])
-    if sharded:
-        first_device = next(iter(sharded.values()))[0].device
-        square = _global_sum_of_squares(sharded, first_device, torch.float32)
-        if plain:
-            square = square + _stacked_norm(plain, first_device, torch.float32).square()
-        return torch.isfinite(square)
-    first_device = tensors[0].device
-    norms: list[Tensor] = []
-    for device, group in _by_device_and_dtype(plain):
-        if _has_foreach_support(group, device):
-            norms.extend(torch._foreach_norm(group, 2.0, dtype=torch.float32))
-        else:
-            norms.extend(torch.linalg.vector_norm(t, 2.0, dtype=torch.float32) for t in group)
-    return torch.isfinite(torch.stack([n.to(first_device) for n in norms]).sum())
+    local = plain + [t for shards in sharded.values() for t in shards]
+    first_device = local[0].device
+    norms = _norms(local, 2.0, torch.float32)
+    is_finite = torch.isfinite(torch.stack([n.to(first_device) for n in norms]).sum())
+    if not sharded:
+        return is_finite
+    if list(sharded) == [_WORLD]:
+        key: Any = _WORLD
+    else:  # every group any shard is spread over, each once
+        groups = {id(g): g for k in sharded for g in ((None,) if k == _WORLD else k)}
+        key = tuple(groups.values())
+    (bad,) = _sum_over_ranks([(key, (~is_finite).to(torch.float32))])
+    return bad == 0
+
+
+def reduce_across_ranks(value: Tensor) -> Tensor:
+    """Mean of ``value`` over all ranks of the default process group (identity without one).
+
+    Every decision that reads a per-rank number (the loss: each rank sees its own
+    batch) reads it through here, or through ``grad_stats(..., loss=...)``, which
+    folds the same mean into the gradient norm's collective.
+    """
+    world_size = _world_size()
+    if world_size == 1:
+        return value
+    (total,) = _sum_over_ranks([(_WORLD, value.detach().clone())])
+    return total / world_size
 
 
 @torch.no_grad()
@@ -209,27 +297,20 @@ def scale_(tensors: list[Tensor], factor: Tensor) -> None:
 
 
 def read_flags(flags: dict[str, Tensor]) -> dict[str, bool]:
-    """Read a set of 0-dim device flags to the host in one transfer (one sync)."""
+    """Read a set of 0-dim device flags to the host in one transfer (one sync).
+
+    A flag that is a ``DTensor`` (computed from sharded tensors, e.g. the unit-wise
+    clip's "clipped" on FSDP2 parameters) is made whole first (``full_tensor()``, a
+    collective), so the host reads the same value on every rank.
+    """
     if not flags:
         return {}
-    device = next(iter(flags.values())).device
-    values = torch.stack(
-        [flag.to(device, torch.bool).reshape(()) for flag in flags.values()]
-    ).tolist()
-    return dict(zip(flags, (bool(v) for v in values)))
-
-
-def reduce_across_ranks(value: Tensor) -> Tensor:
-    """Mean of ``value`` over all ranks of the default process group (identity without one).
-
-    Every decision that reads a per-rank number (the loss: each rank sees its own
-    batch) reads it through here, so all ranks decide the same.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return value
-    world_size = torch.distributed.get_world_size()
-    if world_size == 1:
-        return value
-    reduced = value.detach().clone()
-    torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.SUM)
-    return reduced / world_size
+    dtensor = _dtensor_type()
+    values: list[Tensor] = []
+    for flag in flags.values():
+        if dtensor is not None and isinstance(flag, dtensor):
+            flag = cast(Any, flag).to(torch.float32).full_tensor() != 0
+        values.append(flag)
+    device = values[0].device
+    host = torch.stack([v.to(device, torch.bool).reshape(()) for v in values]).tolist()
+    return dict(zip(flags, (bool(v) for v in host)))

@@ -3,6 +3,9 @@
 Every worker takes ``(rank, world_size, out_dir)`` and returns a picklable result
 that :func:`launch` collects from ``out_dir`` (one file per rank) for the parent
 to assert on. Nothing is asserted here except where a rank cannot go on.
+
+Two workers, one per parallelism, each running every scenario of its kind in one
+process group, so the test file pays the spawn and ``init_process_group`` cost twice.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import os
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -22,11 +26,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from stableopt import SafeOptimizer
-from stableopt.stats import all_finite, grad_stats
-
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter")
-
+import stableopt.optimizer
+from stableopt import PlateauLR, Rollback, SafeOptimizer
+from stableopt.stats import all_finite, grad_stats, read_flags
 
 # -- launching --------------------------------------------------------------------------
 
@@ -51,16 +53,20 @@ def _entry(rank: int, world_size: int, port: int, name: str, out_dir: str) -> No
         result: Any = WORKERS[name](rank, world_size, Path(out_dir))
         torch.save({"ok": True, "result": result}, Path(out_dir) / f"rank{rank}.pt")
     except BaseException:
-        torch.save({"ok": False, "error": traceback.format_exc()}, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(
+            {"ok": False, "error": traceback.format_exc()},
+            Path(out_dir) / f"rank{rank}.pt",
+        )
         raise
     finally:
         dist.destroy_process_group()
 
 
-def launch(name: str, out_dir: Path, world_size: int = 2, timeout: float = 90.0) -> list[Any]:
+def launch(name: str, out_dir: Path, world_size: int = 2, timeout: float = 120.0) -> list[Any]:
     """Run worker ``name`` on ``world_size`` spawned gloo ranks; return each rank's result.
 
-    A hang fails after ``timeout`` seconds (the ranks are killed) instead of hanging CI.
+    A hang fails after ``timeout`` seconds (the ranks are killed) instead of hanging CI;
+    a rank that raised has its traceback in the assertion message.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = mp.start_processes(
@@ -105,41 +111,49 @@ def make_model(seed: int = 0) -> nn.Module:
     )
 
 
-def batch(step: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(step: int, seed: int, noise_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """16 samples of rank-specific data (``seed``); ``noise_only``: targets unrelated to x."""
     g = torch.Generator().manual_seed(seed * 100_003 + step)
     x = torch.randn(16, 8, generator=g)
-    y = x[:, :1].sin() + 0.1 * torch.randn(16, 1, generator=g)
+    noise = torch.randn(16, 1, generator=g)
+    y = noise if noise_only else x[:, :1].sin() + 0.1 * noise
     return x, y
 
 
-class CollectiveCounter:
-    """Counts the Python-level collectives issued while active (DDP's reducer is C++)."""
+@contextmanager
+def count_collectives(active: bool = True) -> Iterator[dict[str, int]]:
+    """Every collective issued inside, by op: c10d calls and DTensor's functional ones.
 
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        self._saved: dict[str, Callable[..., Any]] = {}
+    ``CommDebugMode`` intercepts every op (about 5x the cost of a tiny step), so the
+    runs count only the steps they assert on (``active``); others yield ``{}``.
+    """
+    from torch.distributed.tensor.debug import CommDebugMode
 
-    def __enter__(self) -> CollectiveCounter:
-        for name in COLLECTIVES:
-            original = getattr(dist, name)
-            self._saved[name] = original
-
-            def counted(*args: Any, _n: str = name, _f: Any = original, **kwargs: Any) -> Any:
-                self.calls[_n] = self.calls.get(_n, 0) + 1
-                return _f(*args, **kwargs)
-
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self._saved.items():
-            setattr(dist, name, original)
+    counts: dict[str, int] = {}
+    if not active:
+        yield counts
+        return
+    with CommDebugMode() as mode:
+        yield counts
+    counts.update({str(op): n for op, n in mode.get_comm_counts().items()})
 
 
-def _loc(tensor: Any) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2 parameter or gradient)."""
-    local: torch.Tensor = tensor.to_local()
-    return local
+@contextmanager
+def record_host_flags() -> Iterator[list[dict[str, bool]]]:
+    """Every set of flags the pipeline reads to the host (what it decides on), in order."""
+    reads: list[dict[str, bool]] = []
+
+    def recording(flags: dict[str, torch.Tensor]) -> dict[str, bool]:
+        host = read_flags(flags)
+        reads.append(dict(host))
+        return host
+
+    module: Any = stableopt.optimizer
+    module.read_flags = recording
+    try:
+        yield reads
+    finally:
+        module.read_flags = read_flags
 
 
 def _stats(opt: SafeOptimizer) -> dict[str, Any]:
@@ -149,43 +163,80 @@ def _stats(opt: SafeOptimizer) -> dict[str, Any]:
     return stats
 
 
+def _loc(tensor: Any) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameter or gradient)."""
+    local: torch.Tensor = tensor.to_local()
+    return local
+
+
 # -- DDP -------------------------------------------------------------------------------
 
 DDP_STEPS = 200
 NAN_STEP, NAN_RANK = 60, 0
 SPIKE_STEP, SPIKE_RANK = 130, 1
+PLATEAU_STEPS = 100
 
 
-def ddp_faults(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
-    """Each rank its own data; rank 0 gets a NaN batch, rank 1 a loss spike."""
+def ddp_counted(step: int) -> bool:
+    """The DDP steps whose collectives are counted: every 10th and the faulty ones."""
+    return step % 10 == 0 or step in (
+        NAN_STEP,
+        NAN_STEP + 1,
+        SPIKE_STEP,
+        SPIKE_STEP + 1,
+    )
+
+
+def _ddp_run(
+    rank: int, steps: int, make_opt: Callable[[Any], SafeOptimizer], plateau_data: bool
+) -> dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    results: dict[str, Any] = {}
-    configs: list[tuple[str, dict[str, Any]]] = [("defaults", {}), ("clip1", {"clip": 1.0})]
-    for label, kwargs in configs:
-        model = DDP(make_model(seed=rank))  # DDP broadcasts rank 0's weights
-        opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), **kwargs)
-        collectives_per_step = []
-        for step in range(DDP_STEPS):
-            x, y = batch(step, seed=rank + 1)
-            if step == NAN_STEP and rank == NAN_RANK:
+    model = DDP(make_model(seed=rank))  # different init per rank: DDP broadcasts rank 0's
+    opt = make_opt(model.parameters())
+    local_losses, collectives = [], []
+    with record_host_flags() as flags:
+        for step in range(steps):
+            # Own data per rank. In the plateau run rank 0 fits noise (flat loss) and
+            # rank 1 a signal (falling loss): their own losses disagree on a plateau.
+            x, y = batch(step, seed=rank + 1, noise_only=plateau_data and rank == 0)
+            if step == NAN_STEP and rank == NAN_RANK and not plateau_data:
                 x[3, 2] = float("nan")
-            if step == SPIKE_STEP and rank == SPIKE_RANK:
+            if step == SPIKE_STEP and rank == SPIKE_RANK and not plateau_data:
                 y = y * 1e4
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
-            opt.observe_loss(loss)
-            with CollectiveCounter() as counter:
+            opt.observe_loss(loss)  # this rank's own loss
+            local_losses.append(loss.detach().clone())
+            with count_collectives(ddp_counted(step)) as counts:
                 opt.step()
-            collectives_per_step.append(dict(counter.calls))
-        results[label] = {
-            "params": [p.detach().clone() for p in model.parameters()],
-            "state": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
-            "stats": _stats(opt),
-            "collectives": collectives_per_step,
-        }
-    return results
+            collectives.append(counts)
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "state": [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()],
+        "stats": _stats(opt),
+        "flags": flags,
+        "local_losses": local_losses,
+        "collectives": collectives,
+    }
+
+
+def ddp(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
+    """Each rank its own data; rank 0 gets a NaN batch, rank 1 a loss spike; a plateau run."""
+
+    def adamw(params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=1e-2)
+
+    def with_plateau(params: Any) -> SafeOptimizer:
+        plateau = PlateauLR(patience_steps=20, check_every_steps=10, cooldown_steps=10)
+        return SafeOptimizer(adamw(params), plateau=plateau)
+
+    return {
+        "defaults": _ddp_run(rank, DDP_STEPS, lambda p: SafeOptimizer(adamw(p)), False),
+        "clip1": _ddp_run(rank, DDP_STEPS, lambda p: SafeOptimizer(adamw(p), clip=1.0), False),
+        "plateau": _ddp_run(rank, PLATEAU_STEPS, with_plateau, True),
+    }
 
 
 # -- FSDP2 ------------------------------------------------------------------------------
@@ -202,6 +253,7 @@ def _shard(model: nn.Module) -> nn.Module:
 
 
 def _global_batch(step: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenation of every rank's batch: what the unsharded reference trains on."""
     xs, ys = zip(*(batch(step, seed=r + 1) for r in range(world_size)))
     return torch.cat(xs), torch.cat(ys)
 
@@ -210,29 +262,31 @@ def _full(model: nn.Module) -> list[torch.Tensor]:
     return [cast(Any, p).full_tensor().detach().clone() for p in model.parameters()]
 
 
-def fsdp_norm(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
-    """Global norm and finite flag of sharded grads vs a non-sharded reference."""
+def _fsdp_norm(rank: int, world_size: int) -> dict[str, Any]:
+    """Global norm, loss mean and finite flags of sharded tensors vs a non-sharded model."""
     ref = make_model()
     model = _shard(copy.deepcopy(ref))
     x, y = batch(0, seed=rank + 1)
-    nn.functional.mse_loss(model(x), y).backward()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
     gx, gy = _global_batch(0, world_size)
     nn.functional.mse_loss(ref(gx), gy).backward()
 
     grads: list[torch.Tensor] = [p.grad for p in model.parameters() if p.grad is not None]
-    with CollectiveCounter() as counter:
-        ours = grad_stats(grads)
+    with count_collectives() as stats_comms:
+        ours = grad_stats(grads, loss=loss.detach())
     torch_norm = cast(Any, torch.nn.utils.get_total_norm(grads)).full_tensor()
-    ref_norm = grad_stats([p.grad for p in ref.parameters() if p.grad is not None]).grad_norm
-    weights_ok = all_finite(list(model.parameters()))
+    ref_norm = torch.nn.utils.get_total_norm(
+        [p.grad for p in ref.parameters() if p.grad is not None]
+    )
+    with count_collectives() as weight_comms:
+        weights_ok = all_finite(list(model.parameters()))
 
-    # NaN in rank 1's shard of one gradient only.
-    if rank == 1:
+    if rank == 1:  # NaN in rank 1's shard of one gradient only
         _loc(grads[2]).view(-1)[0] = float("nan")
     nan_stats = grad_stats(grads)
-    # NaN in rank 1's shard of one weight only: all_finite is an AND over ranks.
     params: list[torch.Tensor] = list(model.parameters())
-    if rank == 1:
+    if rank == 1:  # NaN in rank 1's shard of one weight only
         with torch.no_grad():
             _loc(params[0]).view(-1)[0] = float("nan")
     weights_after = all_finite(params)
@@ -240,83 +294,133 @@ def fsdp_norm(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
         "norm": ours.grad_norm,
         "is_finite": bool(ours.is_finite),
         "is_plain": type(ours.grad_norm) is torch.Tensor,
+        "loss_mean": ours.loss,
+        "local_loss": loss.detach(),
         "torch_norm": torch_norm,
         "ref_norm": ref_norm,
         "weights_ok": bool(weights_ok),
-        "collectives": dict(counter.calls),
+        "stats_comms": stats_comms,
+        "weight_comms": weight_comms,
         "nan_is_finite": bool(nan_stats.is_finite),
-        "nan_norm": float(nan_stats.grad_norm),
         "weights_after_nan": bool(weights_after),
     }
 
 
-def _fsdp_train(
-    rank: int,
-    world_size: int,
-    steps: int,
-    check_weights: str,
-    fault: Callable[[int, int, nn.Module, SafeOptimizer], None] | None = None,
-    clip: Any = "zscore",
-) -> tuple[nn.Module, SafeOptimizer, list[dict[str, int]]]:
-    model = _shard(make_model())
-    opt = SafeOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2),
-        check_weights=check_weights,  # type: ignore[arg-type]
-        clip=clip,
-    )
-    collectives = []
-    for step in range(steps):
-        x, y = batch(step, seed=rank + 1)
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.observe_loss(loss)
-        if fault is not None:
-            fault(step, rank, model, opt)
-        with CollectiveCounter() as counter:
+TRANSPARENCY_STEPS = 10
+TRANSPARENCY_MAX_NORM = 0.25  # below the norms of this run: every step is clipped
+
+
+def _fsdp_transparency(rank: int, world_size: int) -> dict[str, Any]:
+    """SafeOptimizer on FSDP2 vs an independent non-sharded run on the global batch."""
+    out: dict[str, Any] = {}
+    cases: list[tuple[str, dict[str, Any]]] = [
+        ("clip", {}),
+        ("clip_fused", {"fused": True}),
+        ("agc", {}),
+    ]
+    for label, inner_kwargs in cases:
+        ref = make_model()
+        model = _shard(copy.deepcopy(ref))
+        clip: Any = "agc" if label == "agc" else TRANSPARENCY_MAX_NORM
+        adamw = torch.optim.AdamW(model.parameters(), lr=1e-2, **inner_kwargs)
+        opt = SafeOptimizer(adamw, clip=clip)
+        ref_adamw = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        # The reference for AGC is stableopt's AGC unsharded (its own tests check the
+        # formula); for a fixed clip it is torch's AdamW + clip_grad_norm_.
+        ref_opt: Any = SafeOptimizer(ref_adamw, clip="agc") if label == "agc" else ref_adamw
+        for step in range(TRANSPARENCY_STEPS):
+            x, y = batch(step, seed=rank + 1)
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.observe_loss(loss)
             opt.step()
-        collectives.append(dict(counter.calls))
-    return model, opt, collectives
+            gx, gy = _global_batch(step, world_size)
+            ref_opt.zero_grad()
+            nn.functional.mse_loss(ref(gx), gy).backward()
+            if label != "agc":
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), TRANSPARENCY_MAX_NORM)
+            ref_opt.step()
+        out[label] = {
+            "params": _full(model),
+            "ref_params": [p.detach().clone() for p in ref.parameters()],
+            "stats": _stats(opt),
+        }
+    return out
 
 
-GRAD_NAN_STEP = 12
-WEIGHT_NAN_STEP = 30  # after the snapshot of good step 25 (every_steps=25 below is not used)
+FAULT_STEPS = 20
+SNAPSHOT_EVERY = 5  # Rollback(every_steps=5): snapshots after good steps 5, 10, 15, 20
+GRAD_NAN_STEP = 8
+WEIGHT_NAN_STEP = 17  # after the snapshot of good step 15
 
 
-def _nan_grad(step: int, rank: int, model: nn.Module, opt: SafeOptimizer) -> None:
+def _nan_grad(step: int, rank: int, model: nn.Module) -> None:
     if step == GRAD_NAN_STEP and rank == 1:
         _loc(list(model.parameters())[2].grad).view(-1)[0] = float("nan")
 
 
-def _nan_weight(step: int, rank: int, model: nn.Module, opt: SafeOptimizer) -> None:
-    # After this step's backward: the update of this step runs from a NaN weight shard.
+def _nan_weight(step: int, rank: int, model: nn.Module) -> None:
+    # After this step's backward: this step's update runs from a NaN weight shard.
     if step == WEIGHT_NAN_STEP and rank == 1:
         with torch.no_grad():
             _loc(list(model.parameters())[0]).view(-1)[0] = float("nan")
 
 
-def fsdp_faults(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
+FAULT_CASES: list[tuple[str, dict[str, Any], Any]] = [
+    ("grad_nan", {}, _nan_grad),
+    ("grad_nan_clip1_fused", {"clip": 1.0, "fused": True}, _nan_grad),
+    ("weight_nan_lazy", {}, _nan_weight),
+    (
+        "weight_nan_every_step",
+        {"clip": 1.0, "check_weights": "every_step"},
+        _nan_weight,
+    ),
+    ("healthy", {}, None),
+    ("healthy_every_step", {"check_weights": "every_step"}, None),
+]
+
+
+def _fsdp_faults(rank: int, world_size: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    cases: list[tuple[str, str, Any]] = [
-        ("grad_nan", "lazy", _nan_grad),
-        ("weight_nan_lazy", "lazy", _nan_weight),
-        ("weight_nan_every_step", "every_step", _nan_weight),
-        ("healthy_every_step", "every_step", None),
-    ]
-    for label, check, fault in cases:
-        model, opt, collectives = _fsdp_train(rank, world_size, 45, check, fault)
+    for label, case_kwargs, fault in FAULT_CASES:
+        kwargs = dict(case_kwargs)
+        fused = kwargs.pop("fused", False)
+        model = _shard(make_model())
+        opt = SafeOptimizer(
+            torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused),
+            rollback=Rollback(every_steps=SNAPSHOT_EVERY),
+            **kwargs,
+        )
+        collectives = []
+        with record_host_flags() as flags:
+            for step in range(FAULT_STEPS):
+                x, y = batch(step, seed=rank + 1)
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                opt.observe_loss(loss)
+                if fault is not None:
+                    fault(step, rank, model)
+                counted = fault is None or step in (GRAD_NAN_STEP, WEIGHT_NAN_STEP)
+                with count_collectives(counted) as counts:
+                    opt.step()
+                collectives.append(counts)
         out[label] = {
             "params": _full(model),
-            "local": [_loc(p).clone() for p in model.parameters()],
             "stats": _stats(opt),
+            "flags": flags,
             "collectives": collectives,
-            "finite": all(bool(torch.isfinite(p).all()) for p in _full(model)),
         }
     return out
 
 
-def fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
-    """The documented FSDP2 recipe: DCP for model + inner optimizer, ours beside it."""
+CHECKPOINT_STEP = 10
+
+
+def _fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
+    """The documented FSDP2 recipe (DCP for model + inner optimizer, ours beside it)
+    and what happens when the SafeOptimizer itself is handed to DCP's helpers."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
@@ -332,7 +436,7 @@ def fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]
     def train(model: nn.Module, opt: SafeOptimizer, steps: range) -> None:
         for step in steps:
             x, y = batch(step, seed=rank + 1)
-            if step == 7 and rank == 0:
+            if step == 5 and rank == 0:
                 x[0, 0] = float("nan")  # a skip and an LR cut before the checkpoint
             opt.zero_grad()
             loss = nn.functional.mse_loss(model(x), y)
@@ -341,7 +445,7 @@ def fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]
             opt.step()
 
     model, opt = build()
-    train(model, opt, range(15))
+    train(model, opt, range(CHECKPOINT_STEP))
     ckpt = out_dir / "ckpt"
     # save
     dcp.save(
@@ -353,7 +457,7 @@ def fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]
     )
     torch.save(opt.state_dict()["stableopt"], ckpt / f"stableopt_rank{rank}.pt")
     dist.barrier()
-    train(model, opt, range(15, 30))
+    train(model, opt, range(CHECKPOINT_STEP, 2 * CHECKPOINT_STEP))
     expected, expected_stats = _full(model), _stats(opt)
 
     # load into fresh objects
@@ -368,20 +472,35 @@ def fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]
     inner = opt2.optimizer.state_dict()
     inner["stableopt"] = torch.load(ckpt / f"stableopt_rank{rank}.pt", weights_only=False)
     opt2.load_state_dict(inner)
-    resumed_stats_at_load = _stats(opt2)
-    train(model2, opt2, range(15, 30))
+    stats_at_load = _stats(opt2)
+    train(model2, opt2, range(CHECKPOINT_STEP, 2 * CHECKPOINT_STEP))
+
+    # The pitfalls the docs name: DCP's helpers given the SafeOptimizer itself.
+    model3, opt3 = build()
+    keys = sorted(get_optimizer_state_dict(model3, opt3))  # fresh: DCP runs opt3.step()
+    stats_after_get = _stats(opt3)
+    train(model3, opt3, range(3))
+    set_optimizer_state_dict(model3, opt3, get_optimizer_state_dict(model3, opt3))
+    stats_after_set = _stats(opt3)
     return {
         "expected": expected,
         "resumed": _full(model2),
         "expected_stats": expected_stats,
         "resumed_stats": _stats(opt2),
-        "stats_at_load": resumed_stats_at_load,
+        "stats_at_load": stats_at_load,
+        "pitfall_keys": keys,
+        "pitfall_stats_after_get": stats_after_get,
+        "pitfall_stats_after_set": stats_after_set,
     }
 
 
-WORKERS: dict[str, Callable[[int, int, Path], Any]] = {
-    "ddp_faults": ddp_faults,
-    "fsdp_norm": fsdp_norm,
-    "fsdp_faults": fsdp_faults,
-    "fsdp_checkpoint": fsdp_checkpoint,
-}
+def fsdp(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
+    return {
+        "norm": _fsdp_norm(rank, world_size),
+        "transparency": _fsdp_transparency(rank, world_size),
+        "faults": _fsdp_faults(rank, world_size),
+        "checkpoint": _fsdp_checkpoint(rank, world_size, out_dir),
+    }
+
+
+WORKERS: dict[str, Callable[[int, int, Path], Any]] = {"ddp": ddp, "fsdp": fsdp}

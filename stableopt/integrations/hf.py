@@ -7,8 +7,8 @@ A :class:`~stableopt.SafeOptimizer` is an ordinary ``torch.optim.Optimizer``, so
   the Trainer (``trainer.state.log_history`` and every ``report_to`` integration, in the
   same call as Trainer's ``loss``), Trainer's own clipping turned off when ours is on, and
   the model's training loss reported to the optimizer;
-- :func:`safe_optimizers`: the AdamW + schedule Trainer would build from its
-  ``TrainingArguments``, with the AdamW wrapped.
+- :func:`safe_optimizers`: the optimizer (AdamW by default) and the LR schedule that
+  Trainer would build from its ``TrainingArguments``, the optimizer wrapped.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 import torch
-from torch.optim.lr_scheduler import LRScheduler
 
 from stableopt.integrations import find_safe_optimizer
 from stableopt.optimizer import SafeOptimizer
@@ -242,7 +241,7 @@ def safe_optimizers(
     *,
     num_training_steps: int | None = None,
     **safe_kwargs: Any,
-) -> tuple[SafeOptimizer, LRScheduler]:
+) -> tuple[SafeOptimizer, Any]:
     """The optimizer and schedule Trainer would build from ``args``, the optimizer wrapped.
 
     The optimizer is the one of ``args.optim`` (AdamW by default, ``fused`` where
@@ -263,7 +262,8 @@ def safe_optimizers(
         **safe_kwargs: passed to :class:`~stableopt.SafeOptimizer`.
 
     Returns:
-        ``(optimizer, scheduler)``, for ``Trainer(optimizers=...)``.
+        ``(optimizer, scheduler)``, for ``Trainer(optimizers=...)``; the scheduler is
+        what ``get_scheduler`` returns (a ``LambdaLR`` for most schedule types).
 
     Raises:
         ValueError: no schedule length, or an ``args.optim`` that Trainer builds in a
