@@ -1,7 +1,7 @@
 """Print the schedule-vs-effective LR table of docs/lr.md from a real run.
 
-A cosine schedule over 400 steps, a NaN loss at step 60 (an emergency cut and its
-recovery) and a loss that stops improving after step 150 (a plateau reduction).
+A cosine schedule over 400 steps, NaN losses at steps 56, 58 and 60 (three triggers
+within 20 steps: an emergency cut at the third, and its recovery) and a loss that stops improving after step 150 (a plateau reduction).
 
     python scripts/lr_table.py
 """
@@ -33,7 +33,7 @@ def main() -> None:
     for step in range(1, STEPS + 1):
         trend = 1.0 / step if step < 150 else 1.0 / 150
         loss = torch.tensor(trend) + 0.002 * torch.randn((), generator=noise)
-        if step == 60:
+        if step in (56, 58, 60):
             loss = torch.tensor(float("nan"))
         opt.zero_grad()
         weight.grad = torch.full_like(weight, 0.01)
@@ -44,7 +44,7 @@ def main() -> None:
         sched.step()
         kinds = [e.kind for e in opt.events() if e.step == step]
         effective = f"{used[-1]:.5f}" if len(used) > updates_before else "(skipped)"
-        if kinds or step % 50 == 0 or step in (1, 59, 61):
+        if kinds or step % 50 == 0 or step in (1, 55, 61):
             rows.append((step, scheduled, opt.stats()["lr_factor"], effective, ", ".join(kinds)))
     print("| step | scheduled LR (`group['lr']`) | our factor after the step | LR the update used | events |")
     print("|---:|---:|---:|---:|---|")

@@ -97,10 +97,12 @@ class StepResponse:
         elif outcome == "ok":
             self._spike_streak = 0
 
-        trigger = self._lr_trigger(host, cause, stats)
+        trigger, immediate = self._lr_trigger(host, cause, stats)
         if self.emergency_lr is not None:
             self._record_lr_change(
-                self.emergency_lr.update(step, trigger, is_healthy=outcome == "ok")
+                self.emergency_lr.update(
+                    step, trigger, is_healthy=outcome == "ok", immediate=immediate
+                )
             )
             if self.emergency_lr.is_exhausted:
                 self._raise_divergence(
@@ -171,25 +173,35 @@ class StepResponse:
         z = _to_float(self.spike.last_grad_norm_z if self.spike is not None else None)
         return f"gradient-norm spike ({grad_norm:.4g}, robust z = {z:.3g} > {z_threshold:g})"
 
-    def _lr_trigger(self, host: dict[str, bool], cause: str | None, stats: GradStats) -> str | None:
-        """Why the emergency LR policy should cut now, or ``None``."""
-        if (
-            not host["grads_finite"]
-            or not host.get("loss_finite", True)
-            or not host.get("weights_ok", True)
-        ):
-            return cause
+    def _lr_trigger(
+        self, host: dict[str, bool], cause: str | None, stats: GradStats
+    ) -> tuple[str | None, bool]:
+        """Why the emergency LR policy should cut, or ``None``; and whether at once.
+
+        At once (``True``) where the update itself failed: non-finite weights after
+        it, or the spike guard's escalation. A bad batch (non-finite loss or
+        gradients, a norm or loss above its threshold) cuts only when it repeats
+        (:class:`~stableopt.EmergencyLR`'s ``min_triggers``).
+        """
+        if not host.get("weights_ok", True):
+            return cause, True
+        if not host["grads_finite"] or not host.get("loss_finite", True):
+            return cause, False
         if host.get("grad_norm_above_threshold") and self.emergency_lr is not None:
-            return f"gradient norm {float(stats.grad_norm):.4g} above {self.emergency_lr.grad_norm_threshold:g}"
+            return (
+                f"gradient norm {float(stats.grad_norm):.4g} above "
+                f"{self.emergency_lr.grad_norm_threshold:g}",
+                False,
+            )
         if host.get("loss_above_threshold") and self.emergency_lr is not None:
-            return f"loss above {self.emergency_lr.loss_threshold:g}"
+            return f"loss above {self.emergency_lr.loss_threshold:g}", False
         if (
             self.spike is not None
             and cause is not None
             and self._spike_streak == self.spike.cut_after
         ):
-            return cause
-        return None
+            return cause, True
+        return None, False
 
     def _record_lr_change(self, change: LRChange | None) -> None:
         if change is None:

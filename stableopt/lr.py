@@ -86,18 +86,28 @@ class EmergencyLR:
     Triggers (each read in the step's one host read): a non-finite loss or
     gradient, weights that a step left non-finite, a total gradient norm above
     ``grad_norm_threshold``, a loss above ``loss_threshold``, and repeated loss
-    spikes (from the spike guard). A trigger multiplies the factor by ``factor``;
-    a trigger within ``cooldown_steps`` of the last cut counts as unhealthy but
-    does not cut again (one burst, one cut).
+    spikes (from the spike guard).
+
+    When a trigger cuts: an *isolated* bad batch (a NaN or Inf loss or gradient, a
+    norm or loss above its threshold) is already handled by the step that met it
+    (skipped, or clipped) and has touched nothing; cutting the LR for it only slows
+    training. So those triggers cut when they repeat: the ``min_triggers``-th
+    trigger within ``trigger_window`` steps cuts (3 within 20 by default, a failure
+    rate of 15% where random bad batches are a few percent). A trigger that shows
+    the *update* itself is failing cuts at once: non-finite weights after an
+    update, and a run of spikes (``immediate=True`` in :meth:`update`). So does any
+    trigger while the LR is already cut (a new emergency during recovery cuts from
+    where the factor is). ``EmergencyLR(min_triggers=1)`` cuts on every trigger. A
+    cut multiplies the factor by ``factor``; a trigger within ``cooldown_steps`` of
+    the last cut counts as unhealthy but does not cut again (one burst, one cut).
 
     Recovery: after ``recovery_after_steps`` consecutive healthy steps the factor
     is multiplied by ``recovery_growth`` every ``recovery_every_steps`` healthy
     steps until it is back at 1: a geometric ramp, 0.1 -> 0.2 -> 0.4 -> 0.8 -> 1
-    over 20 + 3 x 5 = 35 healthy steps with the defaults, so an isolated fault
-    costs little. A new trigger during recovery cuts from where the factor is.
+    over 20 + 3 x 5 = 35 healthy steps with the defaults.
     A healthy step is an accepted step without a trigger; a step skipped or rolled
-    back without a trigger (an isolated spike skip) is reported with
-    ``update(step, None, is_healthy=False)`` and restarts the count. In formulas,
+    back without a trigger (an isolated spike skip), or with a trigger that did
+    not cut, is not healthy and restarts the count. In formulas,
     with one cut to ``c`` at step ``k`` and only healthy steps after it, the factor
     in force at step ``k + 1 + h`` (``h`` healthy steps done) is
     ``min(1, c * g**j)`` with ``j = 0`` for ``h < a`` and ``j = 1 + (h - a) // e``
@@ -122,6 +132,9 @@ class EmergencyLR:
         recovery_every_steps: healthy steps between recovery increments (default 5, ``>= 1``).
         recovery_growth: factor multiplier per increment (default 2.0, ``> 1``).
         max_emergencies: cuts allowed within one emergency (default 4, ``>= 1``).
+        min_triggers: triggers within ``trigger_window`` steps that make a cut, outside
+            an emergency (default 3, ``>= 1``; 1 cuts on every trigger).
+        trigger_window: steps over which triggers are counted (default 20, ``>= 1``).
     """
 
     def __init__(
@@ -135,6 +148,8 @@ class EmergencyLR:
         recovery_every_steps: int = 5,
         recovery_growth: float = 2.0,
         max_emergencies: int = 4,
+        min_triggers: int = 3,
+        trigger_window: int = 20,
     ) -> None:
         self.cut_factor = check_float(
             "factor", factor, minimum=0.0, maximum=1.0, inclusive_min=False
@@ -163,6 +178,9 @@ class EmergencyLR:
             "recovery_growth", recovery_growth, minimum=1.0, inclusive_min=False
         )
         self.max_emergencies = check_int("max_emergencies", max_emergencies, minimum=1)
+        self.min_triggers = check_int("min_triggers", min_triggers, minimum=1)
+        self.trigger_window = check_int("trigger_window", trigger_window, minimum=1)
+        self.recent_triggers: list[int] = []  # steps of the triggers within the window
         self.factor = 1.0
         self.healthy_steps = 0
         self.last_cut_step: int | None = None
@@ -185,20 +203,35 @@ class EmergencyLR:
             flags["loss_above_threshold"] = loss > self.loss_threshold
         return flags
 
-    def update(self, step: int, trigger: str | None, is_healthy: bool = True) -> LRChange | None:
-        """Advance one step: cut on ``trigger`` (a reason), otherwise count towards recovery.
+    def update(
+        self, step: int, trigger: str | None, is_healthy: bool = True, immediate: bool = False
+    ) -> LRChange | None:
+        """Advance one step: maybe cut on ``trigger`` (a reason), else count towards recovery.
 
         ``is_healthy=False`` (a step skipped or rolled back for a reason that is not a
         trigger, e.g. an isolated loss spike) does not cut but is not a healthy step
         either: it restarts the recovery clock like a trigger in the cool-down does.
+        ``immediate=True``: the trigger shows the update itself failing (non-finite
+        weights, a run of spikes) and cuts without waiting for ``min_triggers``.
         """
         if trigger is None and not is_healthy:
             self.healthy_steps = 0
             return None
         if trigger is not None:
             self.healthy_steps = 0
+            self.recent_triggers = [
+                s for s in self.recent_triggers if step - s < self.trigger_window
+            ] + [step]
+            confirmed = len(self.recent_triggers) >= self.min_triggers
+            if not (immediate or confirmed or self.in_emergency):
+                return None
             if self.last_cut_step is not None and step - self.last_cut_step <= self.cooldown_steps:
                 return None
+            if confirmed and not immediate and len(self.recent_triggers) > 1:
+                trigger = (
+                    f"{trigger} ({len(self.recent_triggers)} triggers within "
+                    f"{self.trigger_window} steps)"
+                )
             old = self.factor
             self.emergency_cuts = self.emergency_cuts + 1 if self.in_emergency else 1
             self.factor = old * self.cut_factor
@@ -232,6 +265,7 @@ class EmergencyLR:
             "healthy_steps": self.healthy_steps,
             "last_cut_step": self.last_cut_step,
             "emergency_cuts": self.emergency_cuts,
+            "recent_triggers": list(self.recent_triggers),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -240,11 +274,14 @@ class EmergencyLR:
         self.healthy_steps = int(state_dict["healthy_steps"])
         self.last_cut_step = state_dict["last_cut_step"]
         self.emergency_cuts = int(state_dict["emergency_cuts"])
+        # absent from state dicts saved before triggers were counted
+        self.recent_triggers = [int(s) for s in state_dict.get("recent_triggers", [])]
 
     def __repr__(self) -> str:
         return (
             f"EmergencyLR(factor={self.cut_factor:g}, grad_norm_threshold={self.grad_norm_threshold:g}, "
-            f"loss_threshold={self.loss_threshold:g}, max_emergencies={self.max_emergencies})"
+            f"loss_threshold={self.loss_threshold:g}, max_emergencies={self.max_emergencies}, "
+            f"min_triggers={self.min_triggers}, trigger_window={self.trigger_window})"
         )
 
 

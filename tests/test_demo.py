@@ -72,21 +72,24 @@ def test_demo_safe_optimizer_survives_every_fault(demo: DemoResult) -> None:
     ] == [corrupted + 1]
     assert safe.stats is not None
     # the spike is skipped by the spike guard (an outlier against the norm history)
-    assert (safe.stats["steps"], safe.stats["skipped_steps"], safe.stats["rollbacks"]) == (
-        STEPS,
-        3,
-        1,
-    )
+    assert (safe.stats["steps"], safe.stats["rollbacks"]) == (STEPS, 1)
     expected = [
         (demo.schedule.steps_of("nan_grad")[0], "skip"),
         (demo.schedule.steps_of("inf_loss")[0], "skip"),
         (demo.schedule.steps_of("grad_spike")[0], "skip"),
         (demo.schedule.steps_of("nan_weights")[0] + 1, "rollback"),
     ]
-    # every fault is also an emergency LR cut, each followed by its recovery events
-    assert [(e.step, e.kind) for e in safe.events if e.kind in ("skip", "rollback")] == expected
+    fault_steps = {step for step, _ in expected}
+    interventions = [(e.step, e.kind) for e in safe.events if e.kind in ("skip", "rollback")]
+    assert [i for i in interventions if i[0] in fault_steps] == expected
+    # Beyond the faults, at most a rare 6-sigma spike skip on natural batch noise.
+    others = [e for e in safe.events if e.kind == "skip" and e.step not in fault_steps]
+    assert len(others) <= 1 and all("spike" in e.reason for e in others)
+    assert safe.stats["skipped_steps"] == 3 + len(others)
+    # Isolated bad batches are skipped without an LR cut; the corrupted update (found
+    # as non-finite weights) cuts at once, then recovers.
     cuts = [e.step for e in safe.events if e.kind == "lr_cut"]
-    assert cuts == [step for step, _ in expected]
+    assert cuts == [demo.schedule.steps_of("nan_weights")[0] + 1]
     assert math.isfinite(demo.reference_loss)
 
 

@@ -72,7 +72,8 @@ def test_ddp_nan_batch_on_one_rank_and_spike_on_another_skip_on_both(ddp: Any, l
     assert workers.NAN_STEP + 1 in _skip_steps(stats), stats["events"]
     assert workers.SPIKE_STEP + 1 in _skip_steps(stats), stats["events"]
     assert stats["skipped_steps"] == 2
-    assert (workers.NAN_STEP + 1, "lr_cut") in stats["events"]  # on both ranks alike
+    # An isolated bad batch is skipped without an LR cut, on both ranks alike.
+    assert not any(kind == "lr_cut" for _, kind in stats["events"]), stats["events"]
     # Rank 1's spike alone raised the mean loss: both ranks flagged a loss spike.
     assert sum(read.get("loss_spike", False) for read in ddp[0][label]["flags"]) == 1
 

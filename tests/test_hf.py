@@ -201,11 +201,12 @@ def test_nan_loss_is_skipped_and_schedule_keeps_running(tmp_path: Any) -> None:
     # the schedule counted all 8 loop steps, the skipped one included
     assert cast(Any, trainer.lr_scheduler).last_epoch == 8
     assert [s for s, _ in seen] == pytest.approx(reference_lrs(1e-3, 8, 2))
-    # the skipped step (3) ran no inner update; after it our cut multiplies the schedule
+    # the skipped step (3) ran no inner update; after it our factor multiplies the schedule
     assert len(used) == 7
     after = [s * f for s, f in seen[3:]]
     assert used[2:] == pytest.approx(after)
-    assert seen[3][1] < 1.0  # the emergency cut is in force
+    # one isolated bad batch: skipped, no LR cut (EmergencyLR cuts when triggers repeat)
+    assert all(f == 1.0 for _, f in seen)
     skips = [h["stableopt/skipped_steps"] for h in trainer.state.log_history if "loss" in h]
     assert skips == [0, 0, 1, 1, 1, 1, 1, 1]
 

@@ -77,9 +77,12 @@ def recovered_at(cut_step: int, cut: float, after: int, every: int, growth: floa
     return cut_step + after + (increments - 1) * every
 
 
+# min_triggers=1: every trigger cuts (the cut and recovery arithmetic under test);
+# the default confirmation of bad batches is tested on its own below.
 EMERGENCY_CONFIGS: dict[str, dict[str, Any]] = {
-    "defaults": {},
+    "defaults": {"min_triggers": 1},
     "custom": {
+        "min_triggers": 1,
         "factor": 0.25,
         "recovery_after_steps": 7,
         "recovery_every_steps": 3,
@@ -162,7 +165,12 @@ def test_nan_loss_cuts_then_recovers_geometrically(config: str, via: str) -> Non
 
 def test_a_cut_under_lambdalr_is_not_erased_by_the_next_scheduler_step() -> None:
     model = make_model()
-    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), spike=None, plateau=None)
+    opt = SafeOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        spike=None,
+        plateau=None,
+        emergency_lr=EmergencyLR(min_triggers=1),
+    )
     reference = torch.optim.SGD(twin(model).parameters(), lr=0.05)
     sched, ref_sched = lrs.LambdaLR(opt, decaying), lrs.LambdaLR(reference, decaying)
     used = spy_lrs(opt)
@@ -199,6 +207,7 @@ def test_every_trigger_cuts_once(trigger: str) -> None:
     model = make_model()
     opt = SafeOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05),
+        emergency_lr=EmergencyLR(min_triggers=1),
         spike=None,
         plateau=None,
         rollback=Rollback(every_steps=2),
@@ -263,23 +272,23 @@ def lr_cuts(opt: SafeOptimizer) -> list[tuple[int, float, float]]:
 
 
 def test_a_new_emergency_during_recovery_cuts_from_where_it_is() -> None:
-    opt, used = run_with_nan_losses(EmergencyLR(), {5, 27}, 30)
+    opt, used = run_with_nan_losses(EmergencyLR(min_triggers=1), {5, 27}, 30)
     # after 20 healthy steps (step 25) 0.1 -> 0.2; the NaN at 27 cuts 0.2 -> 0.02
     assert lr_cuts(opt) == [(5, 1.0, 0.1), (27, 0.2, 0.2 * 0.1)]
     assert used[28] == 0.05 * (0.2 * 0.1)
 
 
 def test_triggers_within_the_cooldown_do_not_cut_again_but_restart_the_clock() -> None:
-    opt, _ = run_with_nan_losses(EmergencyLR(cooldown_steps=10), {5, 15, 16}, 40)
+    opt, _ = run_with_nan_losses(EmergencyLR(min_triggers=1, cooldown_steps=10), {5, 15, 16}, 40)
     assert lr_cuts(opt) == [(5, 1.0, 0.1), (16, 0.1, 0.1 * 0.1)]  # 15 - 5 <= 10: no cut
-    opt, _ = run_with_nan_losses(EmergencyLR(cooldown_steps=10), {5, 12}, 40)
+    opt, _ = run_with_nan_losses(EmergencyLR(min_triggers=1, cooldown_steps=10), {5, 12}, 40)
     assert lr_cuts(opt) == [(5, 1.0, 0.1)]
     recovery = [e.step for e in opt.events() if e.kind == "lr_recovery"]
     assert recovery[0] == 12 + 20  # the clock restarted at the unhealthy step 12
 
 
 def test_an_unhealthy_step_without_a_trigger_restarts_the_recovery_clock() -> None:
-    policy = EmergencyLR(recovery_after_steps=3, recovery_every_steps=1)
+    policy = EmergencyLR(min_triggers=1, recovery_after_steps=3, recovery_every_steps=1)
     assert policy.update(1, "NaN") is not None and policy.factor == 0.1
     for step in (2, 3):
         assert policy.update(step, None) is None
@@ -293,6 +302,7 @@ def test_skipped_spikes_during_recovery_are_not_healthy_steps() -> None:
     model = make_model()
     opt = SafeOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05),
+        emergency_lr=EmergencyLR(min_triggers=1),
         spike=SpikeGuard(window_steps=16, min_history=8),
         plateau=None,
     )
@@ -308,7 +318,9 @@ def test_skipped_spikes_during_recovery_are_not_healthy_steps() -> None:
 
 
 def test_min_lr_floors_the_effective_lr() -> None:
-    opt, used = run_with_nan_losses(EmergencyLR(min_lr=0.004, cooldown_steps=0), {3, 5}, 6)
+    opt, used = run_with_nan_losses(
+        EmergencyLR(min_triggers=1, min_lr=0.004, cooldown_steps=0), {3, 5}, 6
+    )
     assert lr_cuts(opt) == [(3, 1.0, 0.1), (5, 0.1, 0.1 * 0.1)]
     assert used[4] == 0.05 * 0.1 and used[6] == 0.004  # 0.005, then 0.0005 -> the floor
     # the floor never raises a schedule that is itself below it
@@ -319,7 +331,7 @@ def test_min_lr_floors_the_effective_lr() -> None:
 
 
 def test_divergence_after_max_emergencies_without_recovery() -> None:
-    policy = EmergencyLR(max_emergencies=3, cooldown_steps=0)
+    policy = EmergencyLR(min_triggers=1, max_emergencies=3, cooldown_steps=0)
     with pytest.raises(DivergenceError) as caught:
         run_with_nan_losses(policy, {5, 8, 11, 14}, 20)
     error = caught.value
@@ -330,9 +342,64 @@ def test_divergence_after_max_emergencies_without_recovery() -> None:
 
 def test_isolated_emergencies_each_recovered_never_add_up() -> None:
     nan_steps = {5 + 40 * i for i in range(6)}  # six faults, each followed by a full recovery
-    opt, _ = run_with_nan_losses(EmergencyLR(max_emergencies=1), nan_steps, 240)
+    opt, _ = run_with_nan_losses(EmergencyLR(min_triggers=1, max_emergencies=1), nan_steps, 240)
     assert [step for step, _, _ in lr_cuts(opt)] == sorted(nan_steps)
     assert not opt.stats()["emergency_mode"] and opt.stats()["lr_factor"] == 1.0
+
+
+def test_by_default_isolated_bad_batches_are_skipped_without_a_cut() -> None:
+    # Two NaN losses 30 steps apart: each step is skipped, the LR is never cut.
+    opt, used = run_with_nan_losses(EmergencyLR(), {10, 40}, 60)
+    assert lr_cuts(opt) == []
+    assert opt.stats()["skipped_steps"] == 2 and opt.stats()["lr_factor"] == 1.0
+    assert set(used) == set(range(1, 61)) - {10, 40}
+    assert all(lr == 0.05 for lr in used.values())
+
+
+def test_by_default_the_third_trigger_within_the_window_cuts() -> None:
+    # 10 and 15 do not cut; 22 is the third trigger within 20 steps (10, 15, 22).
+    opt, used = run_with_nan_losses(EmergencyLR(), {10, 15, 22}, 30)
+    cuts = [e for e in opt.events() if e.kind == "lr_cut"]
+    assert [e.step for e in cuts] == [22]
+    assert "3 triggers within 20 steps" in cuts[0].reason
+    assert used[21] == 0.05 and used[23] == pytest.approx(0.005)
+    # Triggers that fall out of the window do not count: 10, 25 and 40 never make three.
+    opt, _ = run_with_nan_losses(EmergencyLR(), {10, 25, 40}, 50)
+    assert lr_cuts(opt) == []
+    # With the LR already cut, a single trigger cuts again (after the cool-down).
+    opt, _ = run_with_nan_losses(EmergencyLR(cooldown_steps=5), {10, 15, 22, 30}, 40)
+    assert [step for step, _, _ in lr_cuts(opt)] == [22, 30]
+
+
+def test_by_default_non_finite_weights_cut_at_once() -> None:
+    model = make_model()
+    opt = SafeOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        spike=None,
+        plateau=None,
+        rollback=Rollback(every_steps=2),
+        check_weights="every_step",
+    )
+    corrupt_weights_hook(model, 11, opt)
+    for step in range(1, 15):
+        opt.zero_grad()
+        opt.observe_loss(backward(model, step))
+        opt.step()
+    assert [e.step for e in opt.events() if e.kind == "lr_cut"] == [11]
+    assert opt.stats()["rollbacks"] == 1 and opt.stats()["lr_factor"] == 0.1
+
+
+def test_the_trigger_window_survives_a_resume() -> None:
+    policy = EmergencyLR()
+    for step in (10, 15):
+        assert policy.update(step, "bad batch") is None
+    resumed = EmergencyLR()
+    resumed.load_state_dict(policy.state_dict())
+    assert resumed.recent_triggers == [10, 15]
+    change = resumed.update(22, "bad batch")
+    assert change is not None and change.kind == "lr_cut" and resumed.factor == 0.1
+    legacy = {k: v for k, v in policy.state_dict().items() if k != "recent_triggers"}
+    EmergencyLR().load_state_dict(legacy)  # a state dict from before the trigger count
 
 
 # ---------------------------------------------------------------------------------
@@ -378,6 +445,7 @@ def test_the_update_uses_schedule_times_our_factor(schedule: str, inner: str) ->
     model = make_model()
     opt = SafeOptimizer(
         INNER[inner](model.parameters()),
+        emergency_lr=EmergencyLR(min_triggers=1),
         spike=None,
         plateau=PlateauLR(
             patience_steps=20, check_every_steps=5, threshold=0.5, cooldown_steps=10**6
@@ -456,7 +524,13 @@ def first_reference_reduction(losses: np.ndarray, patience: int, every: int) -> 
 def dummy_run(plateau: PlateauLR, losses: np.ndarray, nan_at: int | None = None) -> SafeOptimizer:
     """Only the loss matters: a parameter whose gradient is always zero."""
     weight = nn.Parameter(torch.zeros(3))
-    opt = SafeOptimizer(torch.optim.SGD([weight], lr=0.1), clip=None, spike=None, plateau=plateau)
+    opt = SafeOptimizer(
+        torch.optim.SGD([weight], lr=0.1),
+        clip=None,
+        spike=None,
+        plateau=plateau,
+        emergency_lr=EmergencyLR(min_triggers=1),
+    )
     for step, loss in enumerate(losses, start=1):
         weight.grad = torch.zeros(3)
         opt.observe_loss(math.nan if step == nan_at else float(loss))
@@ -499,7 +573,13 @@ def test_skips_and_interventions_restart_the_window() -> None:
 def test_cooldown_then_repeated_reductions_and_min_max_lr() -> None:
     plateau = PlateauLR(patience_steps=10, check_every_steps=5, cooldown_steps=5, min_lr=0.02)
     weight = nn.Parameter(torch.zeros(3))
-    opt = SafeOptimizer(torch.optim.SGD([weight], lr=0.1), clip=None, spike=None, plateau=plateau)
+    opt = SafeOptimizer(
+        torch.optim.SGD([weight], lr=0.1),
+        clip=None,
+        spike=None,
+        plateau=plateau,
+        emergency_lr=EmergencyLR(min_triggers=1),
+    )
     used = spy_lrs(opt)
     for _ in range(60):
         weight.grad = torch.zeros(3)
@@ -528,7 +608,11 @@ def excess_risk(seed: int, plateau: PlateauLR | None) -> float:
     """Noisy linear regression, SGD at an LR too high to settle: ||w - w*||^2 + b^2 at the end."""
     torch.manual_seed(seed)
     model = nn.Linear(16, 1)
-    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), plateau=plateau)
+    opt = SafeOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        plateau=plateau,
+        emergency_lr=EmergencyLR(min_triggers=1),
+    )
     for step in range(1, 601):
         x, y = linear_task(seed, step)
         opt.zero_grad()
@@ -556,7 +640,11 @@ def test_without_a_loss_plateau_is_inactive_and_says_so_once(
     caplog.set_level(logging.INFO, logger="stableopt")
     model = make_model()
     plateau = PlateauLR(patience_steps=5, check_every_steps=1)
-    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), plateau=plateau)
+    opt = SafeOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        plateau=plateau,
+        emergency_lr=EmergencyLR(min_triggers=1),
+    )
     for step in range(30):
         opt.zero_grad()
         backward(model, step)
@@ -584,7 +672,7 @@ def build_resumable(seed: int = 0) -> tuple[nn.Module, SafeOptimizer, Any]:
     opt = SafeOptimizer(
         torch.optim.AdamW(model.parameters(), lr=1e-2),
         spike=SpikeGuard(window_steps=8, min_history=6),
-        emergency_lr=EmergencyLR(recovery_after_steps=6, recovery_every_steps=3),
+        emergency_lr=EmergencyLR(min_triggers=1, recovery_after_steps=6, recovery_every_steps=3),
         plateau=PlateauLR(patience_steps=8, check_every_steps=3, cooldown_steps=4, threshold=0.3),
         rollback=Rollback(every_steps=5, in_state_dict=True),
     )
@@ -685,6 +773,9 @@ BAD_ARGUMENTS: list[tuple[type, dict[str, Any], type[Exception], str]] = [
     (EmergencyLR, {"recovery_growth": math.inf}, ValueError, "recovery_growth"),
     (EmergencyLR, {"recovery_growth": None}, TypeError, "recovery_growth"),
     (EmergencyLR, {"max_emergencies": 0}, ValueError, "max_emergencies"),
+    (EmergencyLR, {"min_triggers": 0}, ValueError, "min_triggers"),
+    (EmergencyLR, {"min_triggers": 2.0}, TypeError, "min_triggers"),
+    (EmergencyLR, {"trigger_window": 0}, ValueError, "trigger_window"),
     (EmergencyLR, {"max_emergencies": 4.0}, TypeError, "max_emergencies"),
     (PlateauLR, {"patience_steps": 2}, ValueError, "patience_steps"),
     (PlateauLR, {"patience_steps": 100.0}, TypeError, "patience_steps"),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stableopt import Monitor, PlateauLR, SafeOptimizer
+from stableopt import EmergencyLR, Monitor, PlateauLR, SafeOptimizer
 from stableopt.bench.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Sink
@@ -84,7 +84,10 @@ def test_healthy_run_gives_no_recommendation() -> None:
 
 
 def test_repeated_explosions_recommend_a_lower_lr_with_the_cut_that_worked() -> None:
-    opt = train(150, {50: "grad_spike", 100: "grad_spike"})
+    # min_triggers=1: each explosion cuts (by default isolated ones are only skipped)
+    opt = train(
+        150, {50: "grad_spike", 100: "grad_spike"}, emergency_lr=EmergencyLR(min_triggers=1)
+    )
     advice = {a.kind: a for a in recommendations(opt)}
     lower = advice["lower_lr"]
     cuts = [e for e in opt.events() if e.kind == "lr_cut"]
@@ -99,7 +102,7 @@ def test_repeated_explosions_recommend_a_lower_lr_with_the_cut_that_worked() -> 
 
 
 def test_a_single_cut_is_not_repeated() -> None:
-    opt = train(100, {50: "grad_spike"})
+    opt = train(100, {50: "grad_spike"}, emergency_lr=EmergencyLR(min_triggers=1))
     assert "lower_lr" not in kinds(recommendations(opt))
     assert "lower_lr" in kinds(recommendations(opt, min_lr_cuts=1))
 
