@@ -89,8 +89,11 @@ def _add_bench(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None
     parser = subparsers.add_parser(
         "bench",
         parents=[common],
-        help="benchmarks: --perf for the per-step overhead (the stability benchmark is to come)",
+        help="benchmarks: stability under faults (default) or --perf for the per-step overhead",
         description=(
+            "Without --perf: the stability benchmark (plain AdamW, hand-written guards, ZClip, "
+            "AutoClip, OLMo-core SkipStepAdamW and SafeOptimizer with each stage off in turn, "
+            "under injected faults); writes stability.md, .csv and .png to --out. "
             "--perf: per-step time and peak memory of SafeOptimizer(X) (defaults, each stage alone, "
             "each clip policy) against X + clip_grad_norm_ and bare X, for SGD, Adam and AdamW in "
             "their for-loop, foreach and fused versions, measured interleaved in one process. "
@@ -152,6 +155,7 @@ def _add_bench(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None
         help="where to measure (default cuda when available, else cpu)",
     )
     perf.add_argument("--out", default="results", help="output folder (default results/)")
+    _add_stability_options(parser)
     parser.set_defaults(handler=_run_bench)
 
 
@@ -187,13 +191,72 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_stability(args: argparse.Namespace) -> int:
-    # The stability benchmark (faults vs plain optimizers) plugs in here.
-    print(
-        "stableopt bench: the stability benchmark is not available yet; "
-        "use `stableopt bench --perf` for the overhead benchmark",
-        file=sys.stderr,
+    from stableopt.bench.stability import (
+        QUICK,
+        QUICK_STEPS,
+        StabilityConfig,
+        format_markdown,
+        run_stability,
+        write_results,
     )
-    return 2
+
+    chosen: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.quick:
+        chosen.update(seeds=1, steps=dict(QUICK_STEPS), jobs=1)
+    for name in ("scenarios", "methods", "families", "seeds", "jobs"):
+        if getattr(args, name, None) is not None:
+            chosen[name] = getattr(args, name)
+    if args.steps is not None:
+        chosen["steps"] = dict.fromkeys(("mlp", "lm"), args.steps)
+    config = StabilityConfig(**chosen)
+    result = run_stability(config, progress=not args.no_progress)
+    result.command = "python -m stableopt " + shlex.join(args.argv)
+    written = write_results(result, args.out, "stability-quick" if args.quick else "stability")
+    print(format_markdown(result))
+    print(f"(wrote {', '.join(written)}; {result.seconds:.0f} s)")
+    return 0
+
+
+def _add_stability_options(parser: argparse.ArgumentParser) -> None:
+    from stableopt.bench.stability import FAMILIES, METHODS, SCENARIOS
+
+    group = parser.add_argument_group("stability options (plain `bench`; --quick and --out too)")
+    group.add_argument(
+        "--scenarios",
+        type=_choices(*SCENARIOS),
+        default=None,
+        help=f"comma-separated, of {','.join(SCENARIOS)} (default all)",
+    )
+    group.add_argument(
+        "--methods",
+        type=_choices(*METHODS),
+        default=None,
+        help=f"comma-separated, of {','.join(METHODS)} (default all)",
+    )
+    group.add_argument(
+        "--families",
+        type=_choices(*FAMILIES),
+        default=None,
+        help="model families, comma-separated, of mlp,lm (default both)",
+    )
+    group.add_argument(
+        "--seeds", type=_int_at_least(1), default=None, help="seeds per cell (default 3)"
+    )
+    group.add_argument(
+        "--steps",
+        type=_int_at_least(10),
+        default=None,
+        help="training steps for every family (default mlp 80, lm 50)",
+    )
+    group.add_argument(
+        "--jobs",
+        type=_int_at_least(1),
+        default=None,
+        help="worker processes (default 2; 1 with --quick)",
+    )
+    group.add_argument(
+        "--no-progress", action="store_true", help="no progress bar / progress lines"
+    )
 
 
 def _run_perf(args: argparse.Namespace) -> int:

@@ -20,8 +20,20 @@ Decision (per watched signal ``x``, over the last ``window_steps`` accepted valu
 
 (1.4826 MAD estimates the standard deviation of normal data; the 1% floor keeps a
 near-constant history from calling every tiny rise a spike). Only upward
-outliers count. The guard is active once ``min_history`` values are in the window.
-Everything is device arithmetic (a NaN-padded ring buffer and ``nanmedian``): no host sync.
+outliers count. This rule acts once ``min_history`` values are in the window.
+
+Before that (early phase: at least 3 but fewer than ``min_history`` values), a
+plain ratio rule guards the first steps, where a spike would otherwise go straight
+into Adam's second moment:
+
+.. math::
+
+    \\text{spike} \\iff \\operatorname{median} > 0 \\ \\text{and}\\ x > r\\,\\operatorname{median}
+
+(:math:`r` is ``early_ratio``, default 100; ``None`` turns the rule off). The median is the lower
+median, as everywhere here (``torch.nanmedian``). A non-finite value is never a
+spike (it is skipped as non-finite). Everything is device arithmetic (a NaN-padded
+ring buffer and ``nanmedian``): no host sync.
 """
 
 from __future__ import annotations
@@ -55,13 +67,15 @@ class _RobustWindow:
             self.values, self.count = self.values.to(device), self.count.to(device)
         return self.values, self.count
 
-    def zscore(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(z, n)``: the robust z-score of ``x`` and how many values the window holds."""
+    def zscore(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z, median, n)``: the robust z-score of ``x``, the window's (lower) median
+        (NaN while empty) and how many values the window holds."""
         values, count = self._ensure(x.device)
         median = torch.nanmedian(values)
         mad = torch.nanmedian((values - median).abs())
         scale = torch.maximum(_MAD_TO_STD * mad, _RELATIVE_FLOOR * median.abs()).clamp(min=1e-12)
-        return (x.to(torch.float32) - median) / scale, torch.clamp(count, max=self.size)
+        z = (x.to(torch.float32) - median) / scale
+        return z, median, torch.clamp(count, max=self.size)
 
     def append(self, x: Tensor, is_accepted: Tensor) -> None:
         values, count = self._ensure(x.device)
@@ -83,8 +97,17 @@ class SpikeGuard:
     Defaults and why: ``window_steps=128`` and ``z_threshold=6`` are OLMo-core's,
     used at scale; with a robust scale, 6 is still far in the tail (a normal
     variable exceeds it with probability 1e-9), so a healthy run essentially never
-    skips. ``min_history=32`` values before the guard acts: the median and MAD of
-    fewer are too noisy.
+    skips. ``min_history=32`` values before the robust-z rule acts: the median and
+    MAD of fewer are too noisy.
+
+    ``early_ratio=100``: until then (from 3 values in the window on), a value more
+    than 100x the median of the accepted values so far is a spike. A 100x jump over
+    the median of the first few steps is not training dynamics (a falling loss
+    never does it, and a gradient norm that rises in the first steps rises by a few
+    x, not 100x): it is a poisoned batch or a broken gradient, and it would otherwise
+    reach Adam's second moment unchecked before the robust rule is ready. Only a
+    positive median is compared against (a loss that can be <= 0 is left alone).
+    ``None`` turns the early rule off (nothing is skipped before ``min_history``).
 
     Escalation, counted over consecutive spike skips (decided by
     :class:`~stableopt.SafeOptimizer`): at ``cut_after`` (3) the emergency LR policy
@@ -97,7 +120,11 @@ class SpikeGuard:
     Args:
         window_steps: accepted values kept per signal (default 128, ``>= 8``).
         z_threshold: robust z above which a value is a spike (default 6.0, ``> 0``).
-        min_history: values needed before the guard acts (default 32, in [3, window_steps]).
+        min_history: values needed before the robust-z rule acts (default 32, in
+            [3, window_steps]).
+        early_ratio: before ``min_history``, from 3 values on, a value above
+            ``early_ratio`` times the window's median is a spike (default 100.0,
+            ``> 1``; ``None``: no early rule).
         watch_loss: test the loss (needs a loss: closure, SafeLoss or ``observe_loss``).
         watch_grad_norm: test the total gradient norm.
         cut_after: consecutive spike skips that trigger an emergency LR cut (default 3, ``>= 1``).
@@ -113,6 +140,7 @@ class SpikeGuard:
         watch_grad_norm: bool = True,
         cut_after: int = 3,
         rollback_after: int = 6,
+        early_ratio: float | None = 100.0,
     ) -> None:
         self.window_steps = check_int("window_steps", window_steps, minimum=8)
         self.z_threshold = check_float("z_threshold", z_threshold, minimum=0.0, inclusive_min=False)
@@ -132,6 +160,11 @@ class SpikeGuard:
         self.watch_grad_norm = watch_grad_norm
         self.cut_after = check_int("cut_after", cut_after, minimum=1)
         self.rollback_after = check_int("rollback_after", rollback_after, minimum=cut_after + 1)
+        self.early_ratio = (
+            None
+            if early_ratio is None
+            else check_float("early_ratio", early_ratio, minimum=1.0, inclusive_min=False)
+        )
         self._loss = _RobustWindow(self.window_steps)
         self._grad_norm = _RobustWindow(self.window_steps)
         self.last_loss_z: Tensor | None = None
@@ -140,26 +173,34 @@ class SpikeGuard:
     def check(self, loss: Tensor | None, grad_norm: Tensor) -> dict[str, Tensor]:
         """Device flags ``loss_spike`` / ``grad_norm_spike`` for this step (no sync).
 
-        A flag is true when the window holds at least ``min_history`` values and the
-        value is finite with robust z above ``z_threshold``. The z-score is also kept
-        in ``last_loss_z`` / ``last_grad_norm_z`` for the event's reason.
+        A flag is true when the value is finite and either the window holds at least
+        ``min_history`` values and the robust z is above ``z_threshold``, or (early
+        rule) it holds 3 to ``min_history - 1`` values, their median is positive and
+        the value is above ``early_ratio`` times it. The z-score is also kept in
+        ``last_loss_z`` / ``last_grad_norm_z`` for the event's reason (an early spike
+        has z > 66 too: for positive values the MAD is at most the median).
         """
         flags: dict[str, Tensor] = {}
         if self.watch_loss and loss is not None:
-            z, n = self._loss.zscore(loss)
+            z, median, n = self._loss.zscore(loss)
             self.last_loss_z = z
-            flags["loss_spike"] = self._is_spike(loss, z, n)
+            flags["loss_spike"] = self._is_spike(loss, z, median, n)
         if self.watch_grad_norm:
-            z, n = self._grad_norm.zscore(grad_norm)
+            z, median, n = self._grad_norm.zscore(grad_norm)
             self.last_grad_norm_z = z
-            flags["grad_norm_spike"] = self._is_spike(grad_norm, z, n)
+            flags["grad_norm_spike"] = self._is_spike(grad_norm, z, median, n)
         return flags
 
-    def _is_spike(self, x: Tensor, z: Tensor, n: Tensor) -> Tensor:
+    def _is_spike(self, x: Tensor, z: Tensor, median: Tensor, n: Tensor) -> Tensor:
+        is_spike = (n >= self.min_history) & (z > self.z_threshold)
+        if self.early_ratio is not None:  # configuration, not a tensor value: no sync
+            early = (n >= 3) & (n < self.min_history) & (median > 0)
+            x32 = x.to(device=median.device, dtype=torch.float32)
+            is_spike = is_spike | (early & (x32 > self.early_ratio * median))
         # A non-finite value is not a spike: the pipeline skips it as non-finite. Without
         # the isfinite term +Inf (z = +Inf) was flagged while NaN was not, so an Inf
         # gradient counted as a spike skip and fed the spike escalation (LR cut, rollback).
-        return (n >= self.min_history) & (z > self.z_threshold) & torch.isfinite(x).to(z.device)
+        return is_spike & torch.isfinite(x).to(z.device)
 
     def observe(self, loss: Tensor | None, grad_norm: Tensor, is_accepted: Tensor) -> None:
         """Append this step's values to the history if the step was accepted (no sync)."""
@@ -192,6 +233,7 @@ class SpikeGuard:
     def __repr__(self) -> str:
         return (
             f"SpikeGuard(window_steps={self.window_steps}, z_threshold={self.z_threshold:g}, "
-            f"min_history={self.min_history}, watch_loss={self.watch_loss}, "
+            f"min_history={self.min_history}, early_ratio={self.early_ratio!r}, "
+            f"watch_loss={self.watch_loss}, "
             f"watch_grad_norm={self.watch_grad_norm})"
         )

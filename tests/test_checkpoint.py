@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from stableopt import Rollback, SafeOptimizer
+from stableopt import Rollback, SafeOptimizer, SpikeGuard
 from tests.helpers import backward, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,6 +46,8 @@ def build(
         clip=1.0,
         rollback=Rollback(every_steps=4, in_state_dict=in_state_dict),
         check_weights=check_weights,  # type: ignore[arg-type]
+        # no early spike rule: the step-17 spike must reach the emergency clip
+        spike=SpikeGuard(early_ratio=None),
     )
     return model, opt, corrupt
 

@@ -102,11 +102,6 @@ def test_cli_bench_perf(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "| 5k | sgd | fused |" in capsys.readouterr().out
 
 
-def test_cli_bench_without_perf_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench"]) == 2
-    assert "not available yet" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize(
     ("text", "value"), [("50M", 50_000_000), ("200k", 200_000), ("1.5M", 1_500_000), ("5000", 5000)]
 )

@@ -4,9 +4,11 @@ The reference (:func:`reference_spikes`) is written out here with numpy from the
 definition in ``stableopt/spike.py``: a sliding window of the last ``window``
 *accepted* finite values per signal, the median and MAD of the window, the scale
 ``max(1.4826 MAD, 0.01 |median|)``, a spike when ``z > z_threshold`` once the
-window holds ``min_history`` values. Convention: for an even number of values the
-median is the LOWER of the two middle values (``torch.nanmedian``'s), see
-``test_even_window_uses_the_lower_median``.
+window holds ``min_history`` values; before that (early rule), from 3 values on, a
+spike when the median is positive and ``x > early_ratio * median``. Convention: for
+an even number of values the median is the LOWER of the two middle values
+(``torch.nanmedian``'s), see ``test_even_window_uses_the_lower_median`` and
+``test_the_early_rule_uses_the_lower_median``.
 """
 
 from __future__ import annotations
@@ -62,12 +64,18 @@ class Verdict:
 
 
 def reference_spikes(
-    steps: Sequence[dict[str, float]], window: int, z_threshold: float, min_history: int
+    steps: Sequence[dict[str, float]],
+    window: int,
+    z_threshold: float,
+    min_history: int,
+    *,
+    early_ratio: float | None,
 ) -> list[Verdict]:
     """Per step: which signals are spikes, judged against the accepted history only.
 
     A step is accepted when no signal is a spike and every signal is finite; only
-    then do its values enter the history (a NaN never does).
+    then do its values enter the history (a NaN never does). The robust z is
+    reported once ``min_history`` values are in the window (NaN before).
     """
     history: dict[str, list[float]] = {}
     verdicts = []
@@ -82,6 +90,11 @@ def reference_spikes(
                 zs[name] = (x - median) / scale
                 # a non-finite value is skipped as such, never called a spike
                 spikes[name] = math.isfinite(x) and bool(zs[name] > z_threshold)
+            elif len(past) >= 3 and early_ratio is not None:
+                # early rule: a plain ratio to the (lower) median, positive medians only
+                median = _lower_median(past)
+                zs[name] = math.nan
+                spikes[name] = math.isfinite(x) and median > 0 and x > early_ratio * median
             else:
                 zs[name], spikes[name] = math.nan, False
         verdict = Verdict(spikes, zs)
@@ -147,6 +160,29 @@ def near_constant() -> list[float]:
     return [float(v) for v in values]
 
 
+# Early faults (before min_history=32): n < 3 at step 2 (accepted), a spike right after
+# a NaN (step 7), a 50x rise that is no 100x over the median (step 10); later ones for
+# the robust rule.
+EARLY_FAULTS = {2: 1e4, 3: 1e4, 5: 1e3, 6: math.nan, 7: 1e3, 10: 50.0, 28: 1e6, 40: 30.0, 70: 50.0}
+
+
+def lognormal_with_early_bursts() -> list[float]:
+    values = lognormal_with_bursts()
+    values[10] *= 40.0  # above 10x the median
+    values[12] *= 3.0  # not
+    return values
+
+
+def negative_signal() -> list[float]:
+    """A loss that lives below 0 (an NLL can): the early rule never fires on it."""
+    rng = np.random.default_rng(2)
+    values = -5.0 + 0.1 * rng.standard_normal(80)
+    values[4] = 1000.0  # x > 100 * median (-500) would be true: the median is not positive
+    values[50] = 5.0
+    values[60] = 5.0
+    return [float(v) for v in values]
+
+
 SEQUENCES: dict[str, tuple[list[float], dict[str, Any]]] = {
     # recorded loss with spikes, a NaN and a spike right after the NaN (OLMo-core's
     # rolling mean/std would be NaN for the whole window after it)
@@ -162,6 +198,10 @@ SEQUENCES: dict[str, tuple[list[float], dict[str, Any]]] = {
     "lognormal_bursts_defaults": (lognormal_with_bursts(), {}),
     "near_constant": (near_constant(), {"window_steps": 32, "min_history": 10}),
     "low_threshold": (with_faults(LOSSES, {50: math.nan}), {"z_threshold": 1.5}),
+    "early_spikes": (with_faults(LOSSES, EARLY_FAULTS), {}),
+    "early_spikes_early_ratio_none": (with_faults(LOSSES, EARLY_FAULTS), {"early_ratio": None}),
+    "early_ratio_10": (lognormal_with_early_bursts(), {"early_ratio": 10.0}),
+    "negative_signal": (negative_signal(), {"window_steps": 32, "min_history": 16}),
 }
 
 # decisions the reference must reproduce: a spike right after a NaN (the NaN kept out
@@ -171,6 +211,10 @@ MUST: dict[str, dict[int, bool]] = {
     "recorded_grad_norm": {36: True, 90: False, 91: True, 120: True},
     "lognormal_bursts": {50: True, 100: False, 120: True, 150: False},
     "near_constant": {40: False, 60: True, 61: False, 62: True},
+    "early_spikes": {2: False, 3: True, 5: True, 6: False, 7: True, 10: False, 28: True},
+    "early_spikes_early_ratio_none": {3: False, 5: False, 7: False, 28: False},
+    "early_ratio_10": {10: True, 12: False},
+    "negative_signal": {4: False, 50: True},
 }
 
 
@@ -200,7 +244,13 @@ def test_decisions_equal_the_numpy_reference(name: str, signal: str) -> None:
     )
     steps = [{signal: v} for v in values]
     got = drive_guard(guard, steps)
-    expected = reference_spikes(steps, guard.window_steps, guard.z_threshold, guard.min_history)
+    expected = reference_spikes(
+        steps,
+        guard.window_steps,
+        guard.z_threshold,
+        guard.min_history,
+        early_ratio=guard.early_ratio,
+    )
     assert [d[signal] for d in got] == [v.spikes[signal] for v in expected]
     assert sum(v.is_spike for v in expected) >= 2, "the sequence must contain spikes"
     for index, is_spike in MUST.get(name, {}).items():  # the points each sequence is for
@@ -223,7 +273,7 @@ def test_both_signals_together_equal_the_reference() -> None:
     steps = [{"loss": as_float32(a), "grad_norm": as_float32(b)} for a, b in zip(loss, norms)]
     guard = SpikeGuard(window_steps=32, min_history=16)
     got = drive_guard(guard, steps)
-    expected = reference_spikes(steps, 32, 6.0, 16)
+    expected = reference_spikes(steps, 32, 6.0, 16, early_ratio=guard.early_ratio)
     assert got == [v.spikes for v in expected]
     spike_steps = {i for i, v in enumerate(expected) if v.is_spike}
     assert {40, 50, 51, 90} <= spike_steps and not {70, 110} & spike_steps
@@ -246,17 +296,89 @@ def test_even_window_uses_the_lower_median() -> None:
 
 
 def test_only_upward_outliers_and_only_after_min_history() -> None:
-    guard = SpikeGuard(window_steps=8, min_history=5, watch_grad_norm=False)
+    guard = SpikeGuard(window_steps=8, min_history=5, watch_grad_norm=False, early_ratio=None)
     assert (
         drive_guard(guard, [{"loss": v} for v in (1.0, 1.1, 0.9, 1.0, 1e6)])
         == [{"loss": False}] * 5
-    )  # 4 values in the window when 1e6 arrives: inactive (and 1e6 was accepted)
+    )  # 4 values in the window when 1e6 arrives: z inactive (and 1e6 was accepted)
+    assert guard.state_dict()["loss_count"] == 5
+    # the early rule (default) catches it: 1e6 > 100 x the median 1.0
+    guard = SpikeGuard(window_steps=8, min_history=5, watch_grad_norm=False)
+    assert drive_guard(guard, [{"loss": v} for v in (1.0, 1.1, 0.9, 1.0, 1e6)]) == [
+        *[{"loss": False}] * 4,
+        {"loss": True},
+    ]
+    assert guard.state_dict()["loss_count"] == 4
     guard = SpikeGuard(window_steps=8, min_history=5, watch_grad_norm=False)
     drive_guard(guard, [{"loss": v} for v in (1.0, 1.1, 0.9, 1.0, 1.05)])
     assert drive_guard(guard, [{"loss": 1e-6}, {"loss": 100.0}]) == [
         {"loss": False},
         {"loss": True},
     ]
+
+
+def test_the_early_rule_uses_the_lower_median() -> None:
+    """History [1, 2, 3, 4]: lower median 2 -> 240 > 100 x 2 is a spike (numpy's 2.5
+    would put the bar at 250); the robust rule is not active yet (min_history=8)."""
+    guard = SpikeGuard(window_steps=8, min_history=8, watch_grad_norm=False)
+    drive_guard(guard, [{"loss": v} for v in (1.0, 2.0, 3.0, 4.0)])
+    assert drive_guard(guard, [{"loss": 240.0}, {"loss": 199.0}]) == [
+        {"loss": True},
+        {"loss": False},  # <= 100 x 2: accepted
+    ]
+    assert 240.0 <= 100 * np.median([1, 2, 3, 4])
+    # 3 values are enough, 2 are not
+    guard = SpikeGuard(window_steps=8, min_history=8, watch_grad_norm=False)
+    assert drive_guard(guard, [{"loss": v} for v in (1.0, 1.0, 1e6, 1e6)]) == [
+        *[{"loss": False}] * 3,
+        {"loss": True},
+    ]
+
+
+def fast_start(steps: int = 60, seed: int = 3) -> list[dict[str, float]]:
+    """Healthy early training: the loss falls 10x in 10 steps, the gradient norm rises
+    10x in 10 steps (and, in the other signal, jumps 30x at step 3), with 20% noise."""
+    rng = np.random.default_rng(seed)
+    noise = np.exp(0.2 * rng.standard_normal((steps, 3)))
+    out = []
+    for t in range(steps):
+        loss = 2.0 * 10.0 ** (-min(t, 10) / 10) * (1.0 - 0.002 * max(t - 10, 0))
+        rise = 0.05 * 10.0 ** (min(t, 10) / 10)
+        jump = 0.01 * (30.0 if t >= 3 else 1.0)
+        out.append(
+            {
+                "loss": as_float32(loss * noise[t, 0]),
+                "grad_norm": as_float32(rise * noise[t, 1]),
+                "jump": as_float32(jump * noise[t, 2]),
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("norm", ["grad_norm", "jump"])
+def test_a_fast_healthy_start_is_never_flagged(norm: str) -> None:
+    steps = [{"loss": v["loss"], "grad_norm": v[norm]} for v in fast_start()]
+    assert (
+        steps[10]["loss"] < 0.2 * steps[0]["loss"]
+        and steps[12]["grad_norm"] > 4 * steps[0]["grad_norm"]
+    )
+    guard = SpikeGuard()  # defaults: early rule up to 32 values, robust z after
+    got = drive_guard(guard, steps)
+    assert got == [{"loss": False, "grad_norm": False}] * len(steps)
+    expected = reference_spikes(steps, 128, 6.0, 32, early_ratio=guard.early_ratio)
+    assert not any(v.is_spike for v in expected)
+
+
+def test_early_ratio_none_restores_the_old_behaviour() -> None:
+    """Without the early rule nothing is flagged before min_history (the 1e3-1e6x
+    values are accepted into the history), as before the rule existed."""
+    steps = [{"loss": as_float32(x)} for x in with_faults(LOSSES, EARLY_FAULTS)]
+    old = drive_guard(SpikeGuard(early_ratio=None, watch_grad_norm=False), steps)
+    assert not any(d["loss"] for d in old[:33])  # 32 finite values before step 33
+    expected = reference_spikes(steps, 128, 6.0, 32, early_ratio=None)
+    assert [d["loss"] for d in old] == [v.spikes["loss"] for v in expected]
+    new = drive_guard(SpikeGuard(watch_grad_norm=False), steps)
+    assert [i for i, d in enumerate(new[:33]) if d["loss"]] == [3, 5, 7, 28]
 
 
 # ---------------------------------------------------------------------------------
@@ -295,7 +417,13 @@ def test_safe_optimizer_skips_exactly_the_reference_spikes(info: OptimizerInfo) 
                 opt.stats()["spike_skips"] > skips_before,
             )
         )
-    expected = reference_spikes([values for values, _ in recorded], 32, 6.0, 16)
+    expected = reference_spikes(
+        [values for values, _ in recorded],
+        32,
+        6.0,
+        16,
+        early_ratio=opt.spike.early_ratio,  # type: ignore[union-attr]
+    )
     assert [skipped for _, skipped in recorded] == [v.is_spike for v in expected]
     spike_steps = {i for i, v in enumerate(expected) if v.is_spike}
     # the injected ones (the per-batch loss of this task has a few natural outliers too)
@@ -353,6 +481,58 @@ def test_a_spike_skip_leaves_weights_and_state_bit_identical(
     opt.observe_loss(backward(model, 41))
     opt.step()
     assert not same_snapshot(before, snapshot(model, opt))
+
+
+@pytest.mark.parametrize("signal", ["grad_norm", "loss"])
+@pytest.mark.parametrize("info", SKIP_VARIANTS, ids=_ids(SKIP_VARIANTS))
+def test_an_early_spike_is_skipped_and_leaves_weights_and_state_bit_identical(
+    info: OptimizerInfo, signal: str
+) -> None:
+    """All defaults: a 1e4x spike at step 5 (4 values in the window, long before
+    min_history=32 and the clip's warm-up) is skipped by the early rule."""
+    model = make_model()
+    opt = SafeOptimizer(info.build(model.parameters()))  # all defaults
+    for step in range(4):
+        opt.zero_grad()
+        opt.observe_loss(backward(model, step))
+        opt.step()
+    opt.zero_grad()
+    loss = backward(model, 4)
+    if signal == "grad_norm":
+        scale_grads(model, 1e4)
+    else:
+        loss = loss * 1e4
+    opt.observe_loss(loss)
+    before = snapshot(model, opt)
+    opt.step()
+    assert same_snapshot(before, snapshot(model, opt))
+    stats = opt.stats()
+    assert stats["spike_skips"] == 1 and stats["skipped_steps"] == 1 and stats["good_steps"] == 4
+    skip = next(e for e in opt.events() if e.kind == "skip")
+    assert skip.step == 5
+    assert skip.reason.startswith("loss spike" if signal == "loss" else "gradient-norm spike")
+    state = opt.spike.state_dict()  # type: ignore[union-attr]
+    assert state["loss_count"] == state["grad_norm_count"] == 4  # the spike did not enter
+    # the next, normal step runs
+    opt.zero_grad()
+    opt.observe_loss(backward(model, 5))
+    opt.step()
+    assert not same_snapshot(before, snapshot(model, opt))
+    assert opt.stats()["good_steps"] == 5
+
+
+def test_with_early_ratio_none_an_early_spike_goes_through() -> None:
+    model = make_model()
+    opt = SafeOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), spike=SpikeGuard(early_ratio=None)
+    )
+    for step in range(6):
+        opt.zero_grad()
+        loss = backward(model, step)
+        opt.observe_loss(loss * 1e4 if step == 4 else loss)
+        opt.step()
+    stats = opt.stats()
+    assert stats["spike_skips"] == 0 and stats["skipped_steps"] == 0 and stats["good_steps"] == 6
 
 
 # ---------------------------------------------------------------------------------
@@ -472,10 +652,15 @@ def train(
 
 
 POISON = dict.fromkeys((80, 150, 220), "poison")
+EARLY_POISON = dict.fromkeys((5, 12, 20), "poison")  # before min_history and ZClip's warm-up
 BURST = dict.fromkeys(range(150, 155), "bad_update")
 
 
-@pytest.mark.parametrize("faults", [POISON, BURST], ids=["poisoned_batches", "bad_update_burst"])
+@pytest.mark.parametrize(
+    "faults",
+    [POISON, BURST, EARLY_POISON],
+    ids=["poisoned_batches", "bad_update_burst", "early_poisoned_batches"],
+)
 def test_the_guard_ends_closer_to_the_clean_run(
     faults: dict[int, str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -498,15 +683,18 @@ def test_the_guard_ends_closer_to_the_clean_run(
     assert abs(guarded - clean) < 0.5 * abs(unguarded - clean), (clean, guarded, unguarded)
 
 
+@pytest.mark.parametrize("poison", [POISON, EARLY_POISON], ids=["late", "early"])
 def test_with_default_clipping_a_spike_skip_is_exactly_an_oracle_skip(
-    caplog: pytest.LogCaptureFixture,
+    poison: dict[int, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """All defaults: the poisoned batches are skipped, nothing else is; the run is bit for
-    bit the run that is told which batches were bad (NaN gradients on exactly those steps)."""
+    bit the run that is told which batches were bad (NaN gradients on exactly those steps).
+    Early (steps 5, 12, 20) the clip is still warming up and would not have helped: the
+    unguarded run ends about 3x the clean run's held-out loss (measured, 0.41 vs 0.13)."""
     caplog.set_level(logging.ERROR, logger="stableopt")
     task = RegressionTask()
-    guarded, opt = train(task, POISON, spike="default", clip="zscore")
-    oracle, oracle_opt = train(task, dict.fromkeys(POISON, "nan"), spike="default", clip="zscore")
+    guarded, opt = train(task, poison, spike="default", clip="zscore")
+    oracle, oracle_opt = train(task, dict.fromkeys(poison, "nan"), spike="default", clip="zscore")
     assert guarded == oracle
     stats, oracle_stats = opt.stats(), oracle_opt.stats()
     assert stats["spike_skips"] == 3 and oracle_stats["spike_skips"] == 0
@@ -555,6 +743,13 @@ BAD_ARGUMENTS: list[tuple[dict[str, Any], type[Exception], str]] = [
     ({"rollback_after": 3}, ValueError, "rollback_after"),
     ({"cut_after": 5, "rollback_after": 5}, ValueError, "rollback_after"),
     ({"rollback_after": 6.0}, TypeError, "rollback_after"),
+    ({"early_ratio": 1.0}, ValueError, "early_ratio"),
+    ({"early_ratio": 0.5}, ValueError, "early_ratio"),
+    ({"early_ratio": -100.0}, ValueError, "early_ratio"),
+    ({"early_ratio": math.nan}, ValueError, "early_ratio"),
+    ({"early_ratio": math.inf}, ValueError, "early_ratio"),
+    ({"early_ratio": "100"}, TypeError, "early_ratio"),
+    ({"early_ratio": True}, TypeError, "early_ratio"),
 ]
 
 
@@ -573,4 +768,7 @@ def test_defaults_and_repr() -> None:
     assert (guard.window_steps, guard.z_threshold, guard.min_history) == (128, 6.0, 32)
     assert (guard.cut_after, guard.rollback_after) == (3, 6)
     assert guard.watch_loss and guard.watch_grad_norm
-    assert "window_steps=128" in repr(guard)
+    assert guard.early_ratio == 100.0
+    assert "window_steps=128" in repr(guard) and "early_ratio=100.0" in repr(guard)
+    assert "early_ratio=None" in repr(SpikeGuard(early_ratio=None))
+    assert SpikeGuard(early_ratio=2).early_ratio == 2.0
