@@ -191,14 +191,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_stability(args: argparse.Namespace) -> int:
-    from stableopt.bench.stability import (
-        QUICK,
-        QUICK_STEPS,
-        StabilityConfig,
-        format_markdown,
-        run_stability,
-        write_results,
-    )
+    from stableopt.bench.stability import QUICK, QUICK_STEPS, StabilityConfig, run_stability
+    from stableopt.bench.stability_report import format_markdown, write_results
 
     chosen: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.quick:

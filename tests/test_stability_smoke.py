@@ -13,14 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stableopt.bench.stability import (
-    StabilityConfig,
-    StabilityResult,
-    format_markdown,
-    run_stability,
-    summarize,
-    write_results,
-)
+from stableopt.bench.stability import StabilityConfig, StabilityResult, run_stability
+from stableopt.bench.stability_report import format_markdown, summarize, write_results
 
 SCENARIOS = ("clean", "nan_grad")
 METHODS = ("adamw", "adamw+clip", "safe")
