@@ -8,21 +8,19 @@ event reads its numbers only when it happens).
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stableopt.clipping import ClipDecision
 from stableopt.emergency import EmergencyClip
 from stableopt.errors import DivergenceError
 from stableopt.lr import EmergencyLR, LRChange, PlateauLR, effective_lr
 from stableopt.monitor import Monitor
 from stableopt.rollback import Rollback
 from stableopt.spike import SpikeGuard
-from stableopt.stats import GradStats, all_finite
+from stableopt.stats import all_finite
 
 __all__ = ["StepResponse"]
 
@@ -47,7 +45,10 @@ class StepResponse:
         """Provided by :class:`~stableopt.SafeOptimizer`."""
 
     def _finish(
-        self, host: dict[str, bool], stats: GradStats, decision: ClipDecision | None, ran: bool
+        self,
+        host: dict[str, bool],
+        values: dict[str, float],
+        ran: bool,
     ) -> None:
         """Count the outcome, escalate repeated spikes, move the LR factors, check the budget."""
         step = self.monitor.counters["steps"]
@@ -59,8 +60,7 @@ class StepResponse:
             # not a failure of the run: no streak, no LR cut, no history.
             self.monitor.count("scaler_skips")
             return
-        is_failure = weights_bad or not host["is_ok"]
-        grad_norm = float(stats.grad_norm) if is_failure else math.nan  # events only
+        grad_norm = values["grad_norm"]
         if weights_bad:
             host["weights_ok"] = False
             outcome = "rollback"
@@ -71,7 +71,7 @@ class StepResponse:
             )
             self._restore(f"{cause} (gradient norm {grad_norm:.4g})")
         elif not host["is_ok"]:
-            outcome, cause = "skip", self._skip_cause(host, grad_norm)
+            outcome, cause = "skip", self._skip_cause(host, values)
             self.monitor.count("skipped_steps")
             self.monitor.event(
                 "skip",
@@ -80,7 +80,7 @@ class StepResponse:
             )
         else:
             outcome, cause = "ok", None
-            self._count_good_step(host, stats, decision)
+            self._count_good_step(host, values)
 
         is_spike = outcome == "skip" and (
             host.get("loss_spike", False) or host.get("grad_norm_spike", False)
@@ -97,7 +97,7 @@ class StepResponse:
         elif outcome == "ok":
             self._spike_streak = 0
 
-        trigger, immediate = self._lr_trigger(host, cause, stats)
+        trigger, immediate = self._lr_trigger(host, cause, grad_norm)
         if self.emergency_lr is not None:
             self._record_lr_change(
                 self.emergency_lr.update(
@@ -140,25 +140,24 @@ class StepResponse:
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _count_good_step(
-        self, host: dict[str, bool], stats: GradStats, decision: ClipDecision | None
-    ) -> None:
+    def _count_good_step(self, host: dict[str, bool], values: dict[str, float]) -> None:
         self.monitor.count("good_steps")
         if host.get("clipped"):
             self.monitor.count("total_clips")
-        if host.get("emergency_clip") and decision is not None:
+        if host.get("emergency_clip"):
             self.monitor.count("emergency_clips")
             self.monitor.event(
                 "emergency_clip",
-                f"gradient norm {float(stats.grad_norm):.4g} is above the emergency threshold: "
-                f"clipped to {float(decision.threshold):.4g}",
-                grad_norm=float(stats.grad_norm),
-                clip_threshold=float(decision.threshold),
+                f"gradient norm {values['grad_norm']:.4g} is above the emergency threshold: "
+                f"clipped to {values['clip_threshold']:.4g}",
+                grad_norm=values["grad_norm"],
+                clip_threshold=values["clip_threshold"],
             )
         if self.rollback is not None and self.rollback.is_due(self.monitor.counters["good_steps"]):
             self.rollback.take(self.optimizer, self.monitor.counters["steps"])
 
-    def _skip_cause(self, host: dict[str, bool], grad_norm: float) -> str:
+    def _skip_cause(self, host: dict[str, bool], values: dict[str, float]) -> str:
+        grad_norm = values["grad_norm"]
         if not host["grads_finite"]:
             return f"gradient norm is {grad_norm} (NaN/Inf in the gradients)"
         if not host.get("loss_finite", True):
@@ -166,15 +165,19 @@ class StepResponse:
         if host.get("garbage"):
             limit = self.emergency_clip.skip_above if self.emergency_clip is not None else None
             return f"gradient norm {grad_norm:.4g} is above skip_above={limit}"
-        z_threshold = self.spike.z_threshold if self.spike is not None else math.nan
-        if host.get("loss_spike"):
-            z = _to_float(self.spike.last_loss_z if self.spike is not None else None)
-            return f"loss spike (robust z = {z:.3g} > {z_threshold:g})"
-        z = _to_float(self.spike.last_grad_norm_z if self.spike is not None else None)
-        return f"gradient-norm spike ({grad_norm:.4g}, robust z = {z:.3g} > {z_threshold:g})"
+        if self.spike is not None and host.get("loss_spike"):
+            z = self.spike.zscore("loss", values["loss"])
+            return f"loss spike (robust z = {z:.3g} > {self.spike.z_threshold:g})"
+        if self.spike is not None and host.get("grad_norm_spike"):
+            z = self.spike.zscore("grad_norm", grad_norm)
+            return (
+                f"gradient-norm spike ({grad_norm:.4g}, robust z = {z:.3g} > "
+                f"{self.spike.z_threshold:g})"
+            )
+        return f"step rejected (gradient norm {grad_norm:.4g})"
 
     def _lr_trigger(
-        self, host: dict[str, bool], cause: str | None, stats: GradStats
+        self, host: dict[str, bool], cause: str | None, grad_norm: float
     ) -> tuple[str | None, bool]:
         """Why the emergency LR policy should cut, or ``None``; and whether at once.
 
@@ -189,8 +192,7 @@ class StepResponse:
             return cause, False
         if host.get("grad_norm_above_threshold") and self.emergency_lr is not None:
             return (
-                f"gradient norm {float(stats.grad_norm):.4g} above "
-                f"{self.emergency_lr.grad_norm_threshold:g}",
+                f"gradient norm {grad_norm:.4g} above {self.emergency_lr.grad_norm_threshold:g}",
                 False,
             )
         if host.get("loss_above_threshold") and self.emergency_lr is not None:
@@ -264,7 +266,3 @@ class StepResponse:
             f"step {e.step} {e.kind}: {e.reason}" for e in self.monitor.events()[-5:]
         )
         return f"Counters: {counters}. Last events: {recent}"
-
-
-def _to_float(value: Tensor | None) -> float:
-    return math.nan if value is None else float(value)

@@ -121,7 +121,7 @@ class UnitwiseClip(ClipPolicy):
         # The grouping of the last parameter list seen: (ids of the params, index groups).
         self._plan: tuple[tuple[int, ...], list[list[int]]] | None = None
 
-    def max_norm(self, grad_norm: Tensor) -> float:
+    def max_norm(self, grad_norm: Tensor | float) -> float:
         """No total-norm limit: ``inf`` (the clipping is unit-wise, in :meth:`decide`)."""
         return math.inf
 

@@ -6,8 +6,9 @@ allowed this step. The pipeline turns that into one clip coefficient,
 ``torch.nn.utils.clip_grad_norm_``), which rides in the fused optimizer's
 ``grad_scale`` or is applied with one ``torch._foreach_mul_``.
 
-Policies keep their history as device tensors and update it with ``torch.where``
-so that a skipped step never enters it and no decision needs a host sync.
+Policies keep their history on the host, fed the norm of accepted steps from the
+step's one read (a skipped step never enters it), and decide on the device from
+scalars of that history, so no decision needs a host sync.
 
 Policies, by name (``SafeOptimizer(opt, clip="zscore")``):
 
@@ -34,6 +35,7 @@ __all__ = [
     "ClipPolicy",
     "FixedClip",
     "clip_coefficient",
+    "decision_for",
     "resolve_clip",
 ]
 
@@ -50,7 +52,9 @@ class ClipDecision(NamedTuple):
         coefficient: factor for every gradient, in (0, 1]; ``None`` when the policy
             already clipped the gradients in place (unit-wise policies).
         threshold: the max total norm of this step (``inf`` when not clipping).
-        is_clipped: whether the gradients were scaled down this step.
+        is_clipped: whether the gradients were scaled down this step; ``None`` when
+            that is ``coefficient < 1`` (the pipeline reads the coefficient and tells
+            it on the host: no kernel). Set by policies that clip in place.
         is_emergency: set by :class:`~stableopt.emergency.EmergencyClip`: the norm
             was above the emergency threshold and the halved threshold applied.
         is_garbage: set by :class:`~stableopt.emergency.EmergencyClip`: the norm was
@@ -59,7 +63,7 @@ class ClipDecision(NamedTuple):
 
     coefficient: Tensor | None
     threshold: Tensor
-    is_clipped: Tensor
+    is_clipped: Tensor | None = None
     is_emergency: Tensor | None = None
     is_garbage: Tensor | None = None
 
@@ -67,6 +71,13 @@ class ClipDecision(NamedTuple):
 def clip_coefficient(max_norm: Tensor | float, grad_norm: Tensor) -> Tensor:
     """``min(1, max_norm / (grad_norm + 1e-6))`` with ``clip_grad_norm_``'s exact arithmetic."""
     return torch.clamp(max_norm / (grad_norm + NORM_EPS), max=1.0)
+
+
+def decision_for(max_norm: Tensor | float, grad_norm: Tensor) -> ClipDecision:
+    """The decision of a total-norm policy: ``max_norm`` and the coefficient it gives."""
+    coefficient = clip_coefficient(max_norm, grad_norm)
+    threshold = torch.as_tensor(max_norm, dtype=grad_norm.dtype, device=grad_norm.device)
+    return ClipDecision(coefficient, threshold)
 
 
 class ClipPolicy(ABC):
@@ -79,21 +90,31 @@ class ClipPolicy(ABC):
     """
 
     @abstractmethod
-    def max_norm(self, grad_norm: Tensor) -> Tensor | float:
-        """The largest total norm allowed this step, given this step's pre-clip norm."""
+    def max_norm(self, grad_norm: Tensor | float) -> Tensor | float:
+        """The largest total norm allowed this step, given this step's pre-clip norm.
+
+        ``grad_norm`` is a 0-dim tensor (the decision stays on the device: no sync)
+        or, when the gradients live on the CPU and reading a number costs nothing, a
+        float; then the result must be a float.
+        """
 
     def decide(self, grad_norm: Tensor, grads: list[Tensor], params: list[Tensor]) -> ClipDecision:
         """Turn :meth:`max_norm` into a coefficient for this step's gradients."""
-        max_norm = self.max_norm(grad_norm)
-        coefficient = clip_coefficient(max_norm, grad_norm)
-        threshold = torch.as_tensor(max_norm, dtype=grad_norm.dtype, device=grad_norm.device)
-        return ClipDecision(coefficient, threshold, coefficient < 1.0)
+        return decision_for(self.max_norm(grad_norm), grad_norm)
 
-    def observe(self, grad_norm: Tensor, is_accepted: Tensor) -> None:  # noqa: B027
+    @property
+    def clips_in_place(self) -> bool:
+        """True for a policy that scales the gradients itself in :meth:`decide`
+        (no total-norm threshold, no coefficient), like the unit-wise AGC."""
+        return type(self).decide is not ClipPolicy.decide
+
+    def observe(self, grad_norm: Tensor | float, is_accepted: Tensor | bool) -> None:  # noqa: B027
         """Record this step's pre-clip norm in the history when ``is_accepted``.
 
-        ``is_accepted`` is a 0-dim bool tensor: false for a step that was skipped,
-        whose norm must never enter the history. The default keeps no history.
+        Called after the step's one host read, with host numbers: ``grad_norm`` as a
+        float and ``is_accepted`` false for a step that was skipped, whose norm must
+        never enter the history. (0-dim tensors are accepted too, and read.) The
+        default keeps no history.
         """
 
     def state_dict(self) -> dict[str, Any]:
@@ -120,7 +141,7 @@ class FixedClip(ClipPolicy):
     def __init__(self, max_norm: float) -> None:
         self.max_norm_value = check_float("max_norm", max_norm, minimum=0.0, inclusive_min=False)
 
-    def max_norm(self, grad_norm: Tensor) -> float:
+    def max_norm(self, grad_norm: Tensor | float) -> float:
         # A Python float, not a tensor: ``float / tensor`` is what clip_grad_norm_
         # computes, and only the same expression gives the same bits.
         return self.max_norm_value

@@ -11,7 +11,7 @@ running underneath our cut instead of erasing it one step later.
 :meth:`stableopt.SafeOptimizer.effective_lr` gives the LR actually used.
 
 Both policies decide on the host from numbers the step has already read (no
-extra sync), except the plateau test, which reads its loss buffer once every
+extra sync); the plateau test runs on its host window of losses once every
 ``check_every_steps`` steps.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -29,6 +30,7 @@ from scipy import stats as scipy_stats
 from torch import Tensor
 
 from stableopt._checks import check_float, check_int
+from stableopt._host import as_bool, as_float, from_ring, to_ring
 
 __all__ = ["EmergencyLR", "LRChange", "PlateauLR", "effective_lr", "scaled_lr"]
 
@@ -196,12 +198,12 @@ class EmergencyLR:
         """More than ``max_emergencies`` cuts within the current emergency."""
         return self.emergency_cuts > self.max_emergencies
 
-    def trigger_flags(self, grad_norm: Tensor, loss: Tensor | None) -> dict[str, Tensor]:
-        """Device flags for the thresholds, read with the step's other flags."""
-        flags = {"grad_norm_above_threshold": grad_norm > self.grad_norm_threshold}
-        if loss is not None:
-            flags["loss_above_threshold"] = loss > self.loss_threshold
-        return flags
+    def triggers(self, grad_norm: float, loss: float | None) -> dict[str, bool]:
+        """Which thresholds this step's (host) norm and loss are above."""
+        return {
+            "grad_norm_above_threshold": grad_norm > self.grad_norm_threshold,
+            "loss_above_threshold": loss is not None and loss > self.loss_threshold,
+        }
 
     def update(
         self, step: int, trigger: str | None, is_healthy: bool = True, immediate: bool = False
@@ -301,8 +303,8 @@ class PlateauLR:
     progress and the slow phase after it like a plateau, which is how
     ``ReduceLROnPlateau`` goes wrong (pytorch issue 30873).
 
-    Losses are buffered on the device; the test reads the buffer once every
-    ``check_every_steps`` steps (the only host read this policy adds).
+    Losses are kept on the host (the pipeline reads each step's loss with its
+    other numbers); the test runs once every ``check_every_steps`` steps.
 
     Args:
         patience_steps: losses in the tested window (default 500, ``>= 3``).
@@ -350,29 +352,22 @@ class PlateauLR:
         self.factor = 1.0
         self.cooldown_left = 0
         self.steps_since_check = 0
-        self._losses: Tensor | None = None  # ring buffer of accepted losses (device)
-        self._count: Tensor | None = None  # accepted losses written since the last restart
+        self.count = 0  # accepted losses since the last restart
+        self._losses: deque[float] = deque(maxlen=self.patience_steps)
 
-    def observe(self, loss: Tensor, is_accepted: Tensor) -> None:
-        """Append this step's loss to the window if the step was accepted (no sync)."""
-        if self._losses is None or self._count is None:
-            self._losses = torch.zeros(self.patience_steps, dtype=torch.float64, device=loss.device)
-            self._count = torch.zeros((), dtype=torch.int64, device=loss.device)
-        elif self._losses.device != loss.device:
-            # A loaded state dict holds CPU tensors: move the window, never drop it
-            # (re-creating it here lost the window on every resume on an accelerator).
-            self._losses = self._losses.to(loss.device)
-            self._count = self._count.to(loss.device)
-        position = torch.remainder(self._count, self.patience_steps).reshape(1)
-        current = self._losses.index_select(0, position)
-        value = torch.where(is_accepted, loss.detach().to(torch.float64).reshape(1), current)
-        self._losses.index_copy_(0, position, value)
-        self._count += is_accepted.to(torch.int64)
+    def observe(self, loss: Tensor | float, is_accepted: Tensor | bool) -> None:
+        """Append this step's loss to the window if the step was accepted.
+
+        The pipeline passes the host value of its one read; a tensor is read here.
+        """
+        if as_bool(is_accepted):
+            self._losses.append(as_float(loss))
+            self.count += 1
 
     def restart(self) -> None:
         """Forget the window (after an intervention); the test waits for fresh losses."""
-        if self._count is not None:
-            self._count.zero_()
+        self._losses.clear()
+        self.count = 0
         self.steps_since_check = 0
 
     def update(self) -> LRChange | None:
@@ -383,16 +378,12 @@ class PlateauLR:
                 self.restart()
             return None
         self.steps_since_check += 1
-        if self._losses is None or self.steps_since_check < self.check_every_steps:
+        if self.steps_since_check < self.check_every_steps:
             return None
         self.steps_since_check = 0
-        assert self._count is not None
-        count = int(self._count)  # the one host read, every check_every_steps steps
-        if count < self.patience_steps:
+        if self.count < self.patience_steps:
             return None
-        shift = count % self.patience_steps
-        losses = torch.roll(self._losses, -shift).cpu().numpy()
-        is_plateau, why = self.is_plateau(losses)
+        is_plateau, why = self.is_plateau(np.asarray(self._losses, dtype=np.float64))
         if not is_plateau:
             return None
         old = self.factor
@@ -420,13 +411,13 @@ class PlateauLR:
         return not improving, why
 
     def state_dict(self) -> dict[str, Any]:
-        """Factor, cool-down, and the loss window."""
+        """Factor, cool-down, and the loss window (a ring of ``patience_steps``, CPU float64)."""
         return {
             "factor": self.factor,
             "cooldown_left": self.cooldown_left,
             "steps_since_check": self.steps_since_check,
-            "losses": None if self._losses is None else self._losses.cpu().clone(),
-            "count": None if self._count is None else int(self._count),
+            "losses": to_ring(self._losses, self.count, self.patience_steps),
+            "count": self.count,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -434,13 +425,11 @@ class PlateauLR:
         self.factor = float(state_dict["factor"])
         self.cooldown_left = int(state_dict["cooldown_left"])
         self.steps_since_check = int(state_dict["steps_since_check"])
-        losses = state_dict["losses"]
-        self._losses = None if losses is None else losses.clone()
-        self._count = (
-            None
-            if state_dict["count"] is None
-            else torch.tensor(state_dict["count"], dtype=torch.int64)
-        )
+        losses, count = state_dict["losses"], state_dict["count"]
+        self._losses.clear()
+        self.count = 0 if count is None else int(count)
+        if losses is not None:
+            self._losses.extend(from_ring(losses, self.count, self.patience_steps))
 
     def __repr__(self) -> str:
         return (

@@ -32,28 +32,26 @@ from torch.optim import Optimizer
 
 from stableopt import checkpoint, recommend
 from stableopt._checks import check_choice, check_int
+from stableopt._gate import StepGate
 from stableopt._response import StepResponse
 from stableopt.agc import UnitwiseClip
-from stableopt.clipping import ClipDecision, ClipPolicy, resolve_clip
+from stableopt.clipping import ClipPolicy, resolve_clip
 from stableopt.emergency import EmergencyClip
 from stableopt.lr import EmergencyLR, PlateauLR, scaled_lr
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
 from stableopt.rollback import Rollback
 from stableopt.spike import SpikeGuard
-from stableopt.stats import (
-    GradStats,
-    all_finite,
-    grad_stats,
-    read_flags,
-    scale_,
-)
+from stableopt.stats import all_finite, grad_stats, scale_
 
 __all__ = ["SafeOptimizer"]
 
 log = logging.getLogger(__name__)
 
 _WEIGHT_CHECKS = ("lazy", "every_step", "off")
+
+#: Device flags that are read for counting and events, not reasons to skip.
+_NOT_BAD = frozenset({"clipped", "emergency_clip"})
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -65,7 +63,7 @@ _HOOK_DICTS = (
 )
 
 
-class SafeOptimizer(StepResponse, Optimizer):
+class SafeOptimizer(StepGate, StepResponse, Optimizer):
     """Wrap a torch optimizer so that no bad step reaches the weights.
 
     It is a :class:`torch.optim.Optimizer`: ``param_groups``, ``state`` and
@@ -149,14 +147,17 @@ class SafeOptimizer(StepResponse, Optimizer):
         )
         self.check_weights = check_weights
         self.monitor = monitor if monitor is not None else Monitor()
-        self._last_grad_norm: Tensor | None = None
-        self._last_threshold: Tensor | None = None
+        # The last step's numbers, as read to the host (no sync to report them).
+        self._last_grad_norm: float | None = None
+        self._last_threshold: float | None = None
         # Mutated, never rebound: wrappers that copy our __dict__ (Lightning's
         # LightningOptimizer) share this list, so observe_loss() through them reaches us.
         self._observed_losses: list[Tensor] = []
-        self._last_loss: Tensor | None = None
+        self._last_loss: float | None = None
         self._spike_streak = 0
         self._said_no_loss = False
+        # This step's bounds on the norm and the loss: name -> (signal, bound in its dtype).
+        self._bounds: dict[str, tuple[str, float]] = {}
         self._init_hooks()
 
     # -- the inner optimizer's objects, never copies -------------------------------
@@ -204,7 +205,7 @@ class SafeOptimizer(StepResponse, Optimizer):
         The spike guard, the emergency LR policy and plateau scheduling read it at
         the next ``step()``. ``SafeLoss`` calls this for you; so does ``step(closure)``.
         """
-        value = torch.as_tensor(loss).detach().float().mean()
+        value = _scalar_loss(torch.as_tensor(loss))
         if self._observed_losses:
             value = value.to(self._observed_losses[0].device)
         self._observed_losses.append(value)
@@ -229,32 +230,54 @@ class SafeOptimizer(StepResponse, Optimizer):
             # The state before this step is good: it was verified after the last step.
             self.rollback.take(self.optimizer, self.monitor.counters["steps"] - 1)
 
+        if self._decides_on_host(grads):
+            return self._host_step(loss, grads, params)
         is_fused = self._takes_found_inf(len(params))
         amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
         # The loss mean over ranks rides in the gradient norm's collective (one per step).
         stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
-        step_loss = self._last_loss = stats.loss
         decision = self._clip_decision(stats, grads, params)
-        flags = self._decision_flags(stats, decision, step_loss, amp_found_inf)
-        host: dict[str, bool] = {}
-        if not is_fused:
-            host = read_flags(flags)  # host read 1 of 2 (non-fused only)
+        flags = self._device_flags(stats, decision, amp_found_inf)
+        numbers = self._numbers(stats, decision)
+        coefficient = decision.coefficient if decision is not None else None
+        if is_fused:
+            # The skip rides in found_inf: the update runs before anything is read.
+            self._run_inner(grads, flags["is_ok"], coefficient, is_fused, amp_scale)
+            if self.check_weights == "every_step":
+                flags["weights_ok"] = all_finite(params)
+            host, values = self._read(flags, numbers)  # the step's one read
+        else:
+            host, values = self._read(flags, numbers)  # the step's one read, before the update
             if not host["is_ok"]:
-                self._finish(host, stats, decision, ran=False)
-                self.monitor.end_step(self.stats)
-                return loss
-        with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
-            self._inner_step(grads, flags["is_ok"], decision, is_fused, amp_scale)
-        self._observe(stats, step_loss, flags["is_ok"])
-        weights_ok = (
-            all_finite(params)
-            if self.check_weights == "every_step"
-            else torch.ones((), dtype=torch.bool)
-        )
-        host |= read_flags(
-            {**(flags if is_fused else {}), "weights_ok": weights_ok}
-        )  # the read after
-        self._finish(host, stats, decision, ran=True)
+                return self._end_step(loss, host, values, ran=False)
+            if values.get("coefficient", 0.0) >= 1.0:
+                coefficient = None  # known now: a multiply by 1.0 changes no bit
+            self._run_inner(grads, None, coefficient, is_fused, amp_scale)
+            if self.check_weights == "every_step":
+                host |= self._read({"weights_ok": all_finite(params)}, {})[0]  # a second read
+        return self._end_step(loss, host, values, ran=True)
+
+    def _host_step(self, loss: Any, grads: list[Tensor], params: list[Tensor]) -> Any:
+        """The step when every gradient is on the CPU: decided in floats (no kernel to decide)."""
+        # Without found_inf the skip is a branch: the fused kernel's grad_scale still
+        # carries the clip coefficient and GradScaler's scale.
+        is_fused = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+        amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
+        stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
+        host, values, coefficient = self._host_verdict(stats, amp_found_inf)
+        if not host["is_ok"]:
+            return self._end_step(loss, host, values, ran=False)
+        self._run_inner(grads, None, coefficient, is_fused, amp_scale)
+        if self.check_weights == "every_step":
+            host["weights_ok"] = bool(all_finite(params))
+        return self._end_step(loss, host, values, ran=True)
+
+    def _end_step(
+        self, loss: Any, host: dict[str, bool], values: dict[str, float], ran: bool
+    ) -> Any:
+        if ran:
+            self._observe(host, values)
+        self._finish(host, values, ran=ran)
         self.monitor.end_step(self.stats)
         return loss
 
@@ -290,7 +313,7 @@ class SafeOptimizer(StepResponse, Optimizer):
         observed = list(self._observed_losses)
         self._observed_losses.clear()
         if isinstance(closure_loss, Tensor):
-            return closure_loss.detach().float().mean()
+            return _scalar_loss(closure_loss)
         if observed:
             return observed[0] if len(observed) == 1 else torch.stack(observed).mean()
         if not self._said_no_loss and (
@@ -303,54 +326,6 @@ class SafeOptimizer(StepResponse, Optimizer):
             self._said_no_loss = True
         return None
 
-    def _clip_decision(
-        self, stats: GradStats, grads: list[Tensor], params: list[Tensor]
-    ) -> ClipDecision | None:
-        self._last_grad_norm = stats.grad_norm
-        if self.clip is None:
-            self._last_threshold = None
-            return None
-        decision = self.clip.decide(stats.grad_norm, grads, params)
-        if self.emergency_clip is not None:
-            decision = self.emergency_clip.adjust(stats.grad_norm, decision)
-        self._last_threshold = decision.threshold
-        return decision
-
-    def _decision_flags(
-        self,
-        stats: GradStats,
-        decision: ClipDecision | None,
-        loss: Tensor | None,
-        amp_found_inf: Tensor | None,
-    ) -> dict[str, Tensor]:
-        """Every yes/no of this step as a device tensor; ``is_ok``: the update may run."""
-        flags = {"grads_finite": stats.is_finite}
-        bad = ~stats.is_finite
-        if amp_found_inf is not None:
-            flags["amp_overflow"] = (amp_found_inf > 0).to(bad.device)
-            bad = bad | flags["amp_overflow"]
-        if loss is not None:
-            flags["loss_finite"] = torch.isfinite(loss).to(bad.device)
-            bad = bad | ~flags["loss_finite"]
-        if decision is not None:
-            flags["clipped"] = decision.is_clipped
-            if decision.is_emergency is not None:
-                flags["emergency_clip"] = decision.is_emergency
-            if decision.is_garbage is not None:
-                flags["garbage"] = decision.is_garbage
-                bad = bad | decision.is_garbage
-        if self.spike is not None:
-            for name, is_spike in self.spike.check(loss, stats.grad_norm).items():
-                flags[name] = is_spike.to(bad.device)
-                bad = bad | flags[name]
-        if self.emergency_lr is not None:
-            flags |= {
-                k: v.to(bad.device)
-                for k, v in self.emergency_lr.trigger_flags(stats.grad_norm, loss).items()
-            }
-        flags["is_ok"] = ~bad
-        return flags
-
     def _takes_found_inf(self, n_params_with_grad: int) -> bool:
         # Fused kernels skip the update when found_inf is set, but they create the
         # state of a parameter first; until every parameter has state, decide on the
@@ -359,15 +334,27 @@ class SafeOptimizer(StepResponse, Optimizer):
             len(self.optimizer.state) >= n_params_with_grad
         )
 
-    def _inner_step(
+    def _run_inner(
         self,
         grads: list[Tensor],
-        is_ok: Tensor,
-        decision: ClipDecision | None,
+        is_ok: Tensor | None,
+        coefficient: Tensor | None,
         is_fused: bool,
         amp_scale: Tensor | None,
     ) -> None:
-        coefficient = decision.coefficient if decision else None
+        with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
+            self._inner_step(grads, is_ok, coefficient, is_fused, amp_scale)
+
+    def _inner_step(
+        self,
+        grads: list[Tensor],
+        is_ok: Tensor | None,
+        coefficient: Tensor | None,
+        is_fused: bool,
+        amp_scale: Tensor | None,
+    ) -> None:
+        """The inner update. ``is_ok`` (fused only): a device verdict for ``found_inf``;
+        ``None`` when the host already decided the update runs."""
         if not is_fused:
             if coefficient is not None and grads:
                 scale_(grads, coefficient)
@@ -377,7 +364,8 @@ class SafeOptimizer(StepResponse, Optimizer):
         # grad_scale and leaves weights and state alone when found_inf is non-zero.
         # GradScaler's own scale and our clip coefficient compose into one divisor.
         inner: Any = self.optimizer
-        inner.found_inf = (~is_ok).to(torch.float32)
+        if is_ok is not None:
+            inner.found_inf = (~is_ok).to(torch.float32)
         if coefficient is not None:
             divisor = coefficient.to(torch.float32).reciprocal()
             inner.grad_scale = (
@@ -392,16 +380,19 @@ class SafeOptimizer(StepResponse, Optimizer):
                 if name in inner.__dict__:
                     delattr(inner, name)
 
-    def _observe(self, stats: GradStats, loss: Tensor | None, is_ok: Tensor) -> None:
-        """Histories take this step's numbers only if it was accepted (device-side)."""
+    def _observe(self, host: dict[str, bool], values: dict[str, float]) -> None:
+        """Histories take this step's numbers only if it was accepted (host values)."""
+        if not host["is_ok"]:
+            return
+        grad_norm, loss = values["grad_norm"], values.get("loss")
         if self.clip is not None:
-            self.clip.observe(stats.grad_norm, is_ok)
+            self.clip.observe(grad_norm, True)
         if self.emergency_clip is not None:
-            self.emergency_clip.observe(stats.grad_norm, is_ok)
+            self.emergency_clip.observe(grad_norm, True)
         if self.spike is not None:
-            self.spike.observe(loss, stats.grad_norm, is_ok)
+            self.spike.observe(loss, grad_norm, True)
         if self.plateau is not None and loss is not None:
-            self.plateau.observe(loss, is_ok.to(loss.device))
+            self.plateau.observe(loss, True)
 
     # -- what it did ----------------------------------------------------------------
 
@@ -419,11 +410,9 @@ class SafeOptimizer(StepResponse, Optimizer):
         stats["emergency_mode"] = self.emergency_lr.in_emergency if self.emergency_lr else False
         stats["lr_factor"] = self.lr_factor
         stats["system_health"] = self.monitor.health
-        stats["loss"] = None if self._last_loss is None else float(self._last_loss)
-        stats["grad_norm"] = None if self._last_grad_norm is None else float(self._last_grad_norm)
-        stats["clip_threshold"] = (
-            None if self._last_threshold is None else float(self._last_threshold)
-        )
+        stats["loss"] = self._last_loss
+        stats["grad_norm"] = self._last_grad_norm
+        stats["clip_threshold"] = self._last_threshold
         return stats
 
     def events(self) -> list[Event]:
@@ -508,8 +497,8 @@ class SafeOptimizer(StepResponse, Optimizer):
         else:
             checkpoint.load_stages(ours, self.optimizer, self._stages(), self.monitor)
             self._spike_streak = int(ours["spike_streak"])
-            self._last_grad_norm = ours["last_grad_norm"]
-            self._last_threshold = ours["last_threshold"]
+            self._last_grad_norm = _optional_float(ours["last_grad_norm"])
+            self._last_threshold = _optional_float(ours["last_threshold"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -560,3 +549,16 @@ def _stage(name: str, value: Any, cls: type[_Stage]) -> _Stage | None:
     if isinstance(value, str) and value == "default":
         return cls()
     raise TypeError(f"{name} must be a {cls.__name__}, 'default' or None, got {value!r}")
+
+
+def _scalar_loss(loss: Tensor) -> Tensor:
+    """A loss as a detached 0-dim float32 tensor (its mean), with no kernel where none is needed."""
+    value = loss.detach()
+    if value.dtype != torch.float32:
+        value = value.float()
+    return value if value.dim() == 0 else value.mean()
+
+
+def _optional_float(value: Any) -> float | None:
+    """A number from a state dict (a float, or a 0-dim tensor in older ones), or ``None``."""
+    return None if value is None else float(value)

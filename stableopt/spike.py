@@ -31,19 +31,23 @@ into Adam's second moment:
     \\text{spike} \\iff \\operatorname{median} > 0 \\ \\text{and}\\ x > r\\,\\operatorname{median}
 
 (:math:`r` is ``early_ratio``, default 100; ``None`` turns the rule off). The median is the lower
-median, as everywhere here (``torch.nanmedian``). A non-finite value is never a
-spike (it is skipped as non-finite). Everything is device arithmetic (a NaN-padded
-ring buffer and ``nanmedian``): no host sync.
+median, as everywhere here (``torch.nanmedian``'s). A non-finite value is never a
+spike (it is skipped as non-finite). The windows live on the host, filled from the
+step's one read; the median and MAD are recomputed when a value is accepted, and
+the check is one comparison of the value with a bound on the device: no host sync.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
+from collections import deque
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from stableopt._checks import check_float, check_int
+from stableopt._host import as_bool, as_float, false_like, from_ring, to_ring
 
 __all__ = ["SpikeGuard"]
 
@@ -51,44 +55,79 @@ _MAD_TO_STD = 1.4826
 _RELATIVE_FLOOR = 0.01
 
 
+def _lower_median_deviation(ordered: list[float], k: int) -> float:
+    """The lower median of ``|v - m|`` over sorted ``ordered``, ``m = ordered[k]`` its lower median.
+
+    The deviations are two sorted runs, ``m - ordered[k - i]`` (left, i = 0..k) and
+    ``ordered[k + 1 + j] - m`` (right); their ``k``-th smallest (from 0) is found by
+    binary search over how many come from the left run: O(log n), no sort. Each
+    deviation is the same float as ``abs(v - m)``.
+    """
+    median = ordered[k]
+    n_left, n_right, take = k + 1, len(ordered) - k - 1, k + 1
+    low, high = max(0, take - n_right), min(take, n_left)
+    while low < high:
+        i = (low + high) // 2
+        j = take - i  # from the right run
+        if j > 0 and median - ordered[k - i] < ordered[k + j] - median:
+            low = i + 1  # left[i] is below right[j - 1]: take more from the left
+        else:
+            high = i
+    i, j = low, take - low
+    left = median - ordered[k - i + 1] if i > 0 else -math.inf
+    right = ordered[k + j] - median if j > 0 else -math.inf
+    return max(left, right)
+
+
 class _RobustWindow:
-    """A NaN-padded ring buffer of accepted values with a robust z-score."""
+    """The last ``size`` accepted values (host floats) and their robust statistics.
+
+    The median and MAD are computed once per change of the window (an accepted
+    step), not per check: a check is then one comparison on the device.
+    """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.values: Tensor | None = None
-        self.count: Tensor | None = None
+        self.values: deque[float] = deque(maxlen=size)
+        self.ordered: list[float] = []  # the same values, sorted
+        self.count = 0  # accepted values since the last clear (the window holds the last size)
 
-    def _ensure(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self.values is None or self.count is None:
-            self.values = torch.full((self.size,), float("nan"), dtype=torch.float32, device=device)
-            self.count = torch.zeros((), dtype=torch.int64, device=device)
-        elif self.values.device != device:
-            self.values, self.count = self.values.to(device), self.count.to(device)
-        return self.values, self.count
+    def robust(self) -> tuple[float, float, int]:
+        """``(median, scale, n)``: the (lower) median (NaN while empty), the robust
+        scale ``max(1.4826 MAD, 0.01 |median|, 1e-12)`` and how many values the window holds."""
+        ordered = self.ordered
+        n = len(ordered)
+        if n == 0:
+            return math.nan, math.nan, 0
+        k = (n - 1) // 2
+        median = ordered[k]
+        mad = _lower_median_deviation(ordered, k)
+        return median, max(_MAD_TO_STD * mad, _RELATIVE_FLOOR * abs(median), 1e-12), n
 
-    def zscore(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(z, median, n)``: the robust z-score of ``x``, the window's (lower) median
-        (NaN while empty) and how many values the window holds."""
-        values, count = self._ensure(x.device)
-        median = torch.nanmedian(values)
-        mad = torch.nanmedian((values - median).abs())
-        scale = torch.maximum(_MAD_TO_STD * mad, _RELATIVE_FLOOR * median.abs()).clamp(min=1e-12)
-        z = (x.to(torch.float32) - median) / scale
-        return z, median, torch.clamp(count, max=self.size)
-
-    def append(self, x: Tensor, is_accepted: Tensor) -> None:
-        values, count = self._ensure(x.device)
-        keep = is_accepted & torch.isfinite(x)
-        position = torch.remainder(count, self.size).reshape(1)
-        current = values.index_select(0, position)
-        values.index_copy_(0, position, torch.where(keep, x.to(torch.float32).reshape(1), current))
-        count += keep.to(torch.int64)
+    def append(self, x: float) -> None:
+        if len(self.values) == self.size:
+            del self.ordered[bisect.bisect_left(self.ordered, self.values[0])]
+        self.values.append(x)
+        bisect.insort(self.ordered, x)
+        self.count += 1
 
     def clear(self) -> None:
-        if self.values is not None and self.count is not None:
-            self.values.fill_(float("nan"))
-            self.count.zero_()
+        self.values.clear()
+        self.ordered.clear()
+        self.count = 0
+
+    def ring(self) -> Tensor:
+        """The window in the state-dict layout (a NaN-padded ring, see :func:`to_ring`)."""
+        return to_ring(self.values, self.count, self.size)
+
+    def load_ring(self, ring: Tensor | None, count: int | None) -> None:
+        """Restore from :meth:`ring`'s layout (also a float32 ring from older state dicts)."""
+        self.clear()
+        if ring is None or count is None:
+            return
+        for value in from_ring(ring, count, self.size):
+            self.append(value)
+        self.count = count
 
 
 class SpikeGuard:
@@ -167,47 +206,80 @@ class SpikeGuard:
         )
         self._loss = _RobustWindow(self.window_steps)
         self._grad_norm = _RobustWindow(self.window_steps)
-        self.last_loss_z: Tensor | None = None
-        self.last_grad_norm_z: Tensor | None = None
+        # what check() compared, for the z-score of an event: (value, median, scale)
+        self._checked: dict[str, tuple[Tensor, float, float]] = {}
+
+    def bound(self, signal: str) -> float | None:
+        """The value above which ``signal`` (``"loss"`` or ``"grad_norm"``) is a spike now,
+        or ``None`` while no rule is active (host arithmetic on the window)."""
+        median, scale, n = self._window(signal).robust()
+        if n >= self.min_history:
+            return median + self.z_threshold * scale
+        if self.early_ratio is not None and n >= 3 and median > 0:
+            return self.early_ratio * median
+        return None
 
     def check(self, loss: Tensor | None, grad_norm: Tensor) -> dict[str, Tensor]:
         """Device flags ``loss_spike`` / ``grad_norm_spike`` for this step (no sync).
 
         A flag is true when the value is finite and either the window holds at least
-        ``min_history`` values and the robust z is above ``z_threshold``, or (early
-        rule) it holds 3 to ``min_history - 1`` values, their median is positive and
-        the value is above ``early_ratio`` times it. The z-score is also kept in
-        ``last_loss_z`` / ``last_grad_norm_z`` for the event's reason (an early spike
-        has z > 66 too: for positive values the MAD is at most the median).
+        ``min_history`` values and the robust z is above ``z_threshold``
+        (``x > median + z_threshold * scale``), or (early rule) it holds 3 to
+        ``min_history - 1`` values, their median is positive and the value is above
+        ``early_ratio`` times it. The bound is host arithmetic on the window, so the
+        check is one comparison on the device. ``last_loss_z`` / ``last_grad_norm_z``
+        give the z-score of the value checked (read when an event needs it; an early
+        spike has z > 66 too: for positive values the MAD is at most the median).
         """
         flags: dict[str, Tensor] = {}
-        if self.watch_loss and loss is not None:
-            z, median, n = self._loss.zscore(loss)
-            self.last_loss_z = z
-            flags["loss_spike"] = self._is_spike(loss, z, median, n)
-        if self.watch_grad_norm:
-            z, median, n = self._grad_norm.zscore(grad_norm)
-            self.last_grad_norm_z = z
-            flags["grad_norm_spike"] = self._is_spike(grad_norm, z, median, n)
+        for signal, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is None or not self._watches(signal):
+                continue
+            median, scale, _ = self._window(signal).robust()
+            self._checked[signal] = (value, median, scale)
+            bound = self.bound(signal)
+            if bound is None:
+                flags[f"{signal}_spike"] = false_like(value)
+            else:
+                # A non-finite value is not a spike: the pipeline skips it as non-finite.
+                # Without the upper bound +Inf was flagged while NaN was not, so an Inf
+                # gradient counted as a spike skip and fed the spike escalation.
+                flags[f"{signal}_spike"] = (value > bound) & (value < math.inf)
         return flags
 
-    def _is_spike(self, x: Tensor, z: Tensor, median: Tensor, n: Tensor) -> Tensor:
-        is_spike = (n >= self.min_history) & (z > self.z_threshold)
-        if self.early_ratio is not None:  # configuration, not a tensor value: no sync
-            early = (n >= 3) & (n < self.min_history) & (median > 0)
-            x32 = x.to(device=median.device, dtype=torch.float32)
-            is_spike = is_spike | (early & (x32 > self.early_ratio * median))
-        # A non-finite value is not a spike: the pipeline skips it as non-finite. Without
-        # the isfinite term +Inf (z = +Inf) was flagged while NaN was not, so an Inf
-        # gradient counted as a spike skip and fed the spike escalation (LR cut, rollback).
-        return is_spike & torch.isfinite(x).to(z.device)
+    @property
+    def last_loss_z(self) -> float | None:
+        """Robust z-score of the last checked loss (NaN before any history; reads it)."""
+        return self._last_z("loss")
 
-    def observe(self, loss: Tensor | None, grad_norm: Tensor, is_accepted: Tensor) -> None:
-        """Append this step's values to the history if the step was accepted (no sync)."""
-        if self.watch_loss and loss is not None:
-            self._loss.append(loss, is_accepted)
-        if self.watch_grad_norm:
-            self._grad_norm.append(grad_norm, is_accepted)
+    @property
+    def last_grad_norm_z(self) -> float | None:
+        """Robust z-score of the last checked gradient norm (NaN before any history; reads it)."""
+        return self._last_z("grad_norm")
+
+    def _last_z(self, signal: str) -> float | None:
+        checked = self._checked.get(signal)
+        if checked is None:
+            return None
+        value, median, scale = checked
+        return (as_float(value) - median) / scale
+
+    def observe(
+        self, loss: Tensor | float | None, grad_norm: Tensor | float, is_accepted: Tensor | bool
+    ) -> None:
+        """Append this step's values to the history if the step was accepted.
+
+        The pipeline passes the host values of its one read; tensors are read here.
+        A non-finite value never enters the history.
+        """
+        if not as_bool(is_accepted):
+            return
+        for signal, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is None or not self._watches(signal):
+                continue
+            x = as_float(value)
+            if math.isfinite(x):
+                self._window(signal).append(x)
 
     def clear(self) -> None:
         """Forget the history (after a rollback): the guard warms up again."""
@@ -215,20 +287,33 @@ class SpikeGuard:
         self._grad_norm.clear()
 
     def state_dict(self) -> dict[str, Any]:
-        """Both windows, as CPU tensors."""
+        """Both windows, as NaN-padded ring buffers (CPU float64) and counts."""
         state: dict[str, Any] = {}
         for name, window in (("loss", self._loss), ("grad_norm", self._grad_norm)):
-            state[name] = None if window.values is None else window.values.cpu().clone()
-            state[f"{name}_count"] = None if window.count is None else int(window.count)
+            state[name] = window.ring() if window.count else None
+            state[f"{name}_count"] = window.count if window.count else None
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         for name, window in (("loss", self._loss), ("grad_norm", self._grad_norm)):
-            values = state_dict[name]
-            window.values = None if values is None else values.clone()
             count = state_dict[f"{name}_count"]
-            window.count = None if count is None else torch.tensor(count, dtype=torch.int64)
+            window.load_ring(state_dict[name], None if count is None else int(count))
+
+    def zscore(self, signal: str, value: float) -> float:
+        """Robust z-score of ``value`` against ``signal``'s window now (NaN while empty)."""
+        median, scale, _ = self._window(signal).robust()
+        return (value - median) / scale
+
+    def watches(self, signal: str) -> bool:
+        """Whether ``signal`` (``"loss"`` or ``"grad_norm"``) is tested."""
+        return self._watches(signal)
+
+    def _watches(self, signal: str) -> bool:
+        return self.watch_loss if signal == "loss" else self.watch_grad_norm
+
+    def _window(self, signal: str) -> _RobustWindow:
+        return self._loss if signal == "loss" else self._grad_norm
 
     def __repr__(self) -> str:
         return (

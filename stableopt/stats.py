@@ -33,7 +33,8 @@ single-process arithmetic is unchanged.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, cast
+from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,7 @@ __all__ = [
     "GradStats",
     "all_finite",
     "grad_stats",
-    "read_flags",
+    "read_host",
     "reduce_across_ranks",
     "scale_",
     "total_norm",
@@ -54,21 +55,28 @@ __all__ = [
 _WORLD = "world"
 
 
-class GradStats(NamedTuple):
+@dataclass(frozen=True)
+class GradStats:
     """Statistics of one step's gradients, all 0-dim tensors on the first gradient's device.
 
     Attributes:
         grad_norm: total L2 norm of all gradients (pre-clip), over all shards.
-        is_finite: ``True`` when every gradient value is finite. Derived from the norm
-            (a NaN or Inf anywhere makes the norm non-finite), so it costs no extra pass;
-            a finite gradient whose norm overflows the dtype also counts as non-finite.
         loss: the mean over ranks of the ``loss`` given to :func:`grad_stats`
             (``None`` when none was given).
     """
 
     grad_norm: Tensor
-    is_finite: Tensor
     loss: Tensor | None = None
+
+    @property
+    def is_finite(self) -> Tensor:
+        """``True`` when every gradient value is finite (a kernel, run when asked).
+
+        Derived from the norm (a NaN or Inf anywhere makes the norm non-finite), so it
+        costs no extra pass; a finite gradient whose norm overflows the dtype also
+        counts as non-finite.
+        """
+        return torch.isfinite(self.grad_norm)
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
@@ -86,10 +94,16 @@ def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype | None = None) 
     return norms
 
 
+def _to_device(tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+    """``tensors`` on ``device``; a call per tensor only for those elsewhere (the values
+    are the same either way: ``.to`` of a tensor already there returns it)."""
+    return [t if t.device == device else t.to(device) for t in tensors]
+
+
 def _stacked_norm(tensors: list[Tensor], device: torch.device, dtype: torch.dtype | None) -> Tensor:
     """``clip_grad_norm_``'s total norm: per-tensor foreach norms, stacked, normed."""
     norms = _norms(tensors, 2.0, dtype)
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+    return torch.linalg.vector_norm(torch.stack(_to_device(norms, device)), 2.0)
 
 
 # -- distributed plumbing --------------------------------------------------------------
@@ -216,7 +230,7 @@ def total_norm(tensors: list[Tensor], device: torch.device | None = None) -> Ten
 def grad_stats(
     grads: list[Tensor], scale: Tensor | None = None, loss: Tensor | None = None
 ) -> GradStats:
-    """Total norm and finite flag of ``grads`` in one foreach pass (and at most one collective).
+    """Total norm of ``grads`` in one foreach pass (and at most one collective), and the loss mean.
 
     ``scale`` is a loss scale the gradients still carry (GradScaler's): the norm is
     divided by it, so policies see the unscaled norm without a pass to unscale.
@@ -224,7 +238,9 @@ def grad_stats(
     over all ranks, reduced in the same ``all_reduce`` as the sharded gradients'
     norm (:func:`reduce_across_ranks` without a second collective).
     """
-    local_loss = None if loss is None else loss.detach().reshape(())
+    local_loss = None
+    if loss is not None:
+        local_loss = loss.detach() if loss.dim() == 0 else loss.detach().reshape(())
     grad_norm, loss_sum = _norm_and_sum(grads, local_loss)
     if scale is not None:
         grad_norm = grad_norm / scale.to(grad_norm.device, grad_norm.dtype)
@@ -232,7 +248,7 @@ def grad_stats(
     if local_loss is not None and loss_sum is not None:
         world_size = _world_size()
         mean_loss = local_loss if world_size == 1 else loss_sum / world_size
-    return GradStats(grad_norm=grad_norm, is_finite=torch.isfinite(grad_norm), loss=mean_loss)
+    return GradStats(grad_norm=grad_norm, loss=mean_loss)
 
 
 @torch.no_grad()
@@ -252,7 +268,7 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
     local = plain + [t for shards in sharded.values() for t in shards]
     first_device = local[0].device
     norms = _norms(local, 2.0, torch.float32)
-    is_finite = torch.isfinite(torch.stack([n.to(first_device) for n in norms]).sum())
+    is_finite = torch.isfinite(torch.stack(_to_device(norms, first_device)).sum())
     if not sharded:
         return is_finite
     if list(sharded) == [_WORLD]:
@@ -296,21 +312,48 @@ def scale_(tensors: list[Tensor], factor: Tensor) -> None:
                 t.mul_(device_factor)
 
 
-def read_flags(flags: dict[str, Tensor]) -> dict[str, bool]:
-    """Read a set of 0-dim device flags to the host in one transfer (one sync).
+def read_host(
+    flags: dict[str, Tensor], numbers: dict[str, Tensor]
+) -> tuple[dict[str, bool], dict[str, float]]:
+    """Read a step's 0-dim device flags and numbers to the host in one transfer (one sync).
 
+    Everything is stacked into one float64 vector (float32 on MPS, which has no
+    float64) and read with one ``tolist()``: a float32 norm or loss is exact in it.
     A flag that is a ``DTensor`` (computed from sharded tensors, e.g. the unit-wise
     clip's "clipped" on FSDP2 parameters) is made whole first (``full_tensor()``, a
     collective), so the host reads the same value on every rank.
     """
-    if not flags:
-        return {}
+    if not flags and not numbers:
+        return {}, {}
     dtensor = _dtensor_type()
     values: list[Tensor] = []
     for flag in flags.values():
         if dtensor is not None and isinstance(flag, dtensor):
             flag = cast(Any, flag).to(torch.float32).full_tensor() != 0
         values.append(flag)
+    values.extend(numbers.values())
     device = values[0].device
-    host = torch.stack([v.to(device, torch.bool).reshape(()) for v in values]).tolist()
-    return dict(zip(flags, (bool(v) for v in host)))
+    dtype = torch.float32 if device.type == "mps" else torch.float64
+    # Stack like with like, convert each stack once, and read one vector: a few
+    # kernels however many values, and one transfer.
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for index, value in enumerate(values):
+        groups.setdefault((value.device, value.dtype), []).append(index)
+    order = [index for indices in groups.values() for index in indices]
+    parts = [_as_vector([values[i] for i in indices], device, dtype) for indices in groups.values()]
+    read = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()
+    host = [0.0] * len(values)
+    for index, value in zip(order, read):
+        host[index] = value
+    return (
+        {name: value != 0 for name, value in zip(flags, host)},
+        dict(zip(numbers, host[len(flags) :])),
+    )
+
+
+def _as_vector(values: list[Tensor], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Same-device, same-dtype 0-dim tensors as one ``dtype`` vector on ``device``."""
+    vector = torch.stack([v if v.dim() == 0 else v.reshape(()) for v in values])
+    if vector.dtype != dtype or vector.device != device:
+        vector = vector.to(device, dtype)
+    return vector

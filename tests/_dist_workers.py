@@ -26,9 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import stableopt.optimizer
 from stableopt import PlateauLR, Rollback, SafeOptimizer
-from stableopt.stats import all_finite, grad_stats, read_flags
+from stableopt.stats import all_finite, grad_stats
 
 # -- launching --------------------------------------------------------------------------
 
@@ -139,21 +138,28 @@ def count_collectives(active: bool = True) -> Iterator[dict[str, int]]:
 
 
 @contextmanager
-def record_host_flags() -> Iterator[list[dict[str, bool]]]:
-    """Every set of flags the pipeline reads to the host (what it decides on), in order."""
-    reads: list[dict[str, bool]] = []
+def record_host_flags() -> Iterator[list[dict[str, Any]]]:
+    """Every step's verdict as the host decides on it (flags and numbers), in order.
 
-    def recording(flags: dict[str, torch.Tensor]) -> dict[str, bool]:
-        host = read_flags(flags)
-        reads.append(dict(host))
-        return host
+    Recorded where every step ends, whichever way it was decided (in floats for
+    plain CPU gradients, on the device for sharded ones).
+    """
+    reads: list[dict[str, Any]] = []
+    finish = SafeOptimizer._finish
 
-    module: Any = stableopt.optimizer
-    module.read_flags = recording
+    def recording(
+        self: SafeOptimizer, host: dict[str, bool], values: dict[str, float], ran: bool
+    ) -> None:
+        # NaN as a string: the runs' records are compared with ==
+        numbers = {f"value/{k}": v if v == v else "nan" for k, v in values.items()}
+        reads.append({**host, **numbers})
+        finish(self, host, values, ran)
+
+    SafeOptimizer._finish = recording  # type: ignore[method-assign]
     try:
         yield reads
     finally:
-        module.read_flags = read_flags
+        SafeOptimizer._finish = finish  # type: ignore[method-assign]
 
 
 def _stats(opt: SafeOptimizer) -> dict[str, Any]:

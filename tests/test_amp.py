@@ -9,6 +9,9 @@ from torch import nn
 from stableopt import SafeOptimizer
 from tests.helpers import batch, make_model, twin
 
+# Every test runs with the step decided on the host and on the device (conftest.py).
+pytestmark = pytest.mark.usefixtures("decide_on")
+
 STEPS = 25
 
 

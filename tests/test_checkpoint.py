@@ -14,6 +14,9 @@ from torch import nn
 from stableopt import Rollback, SafeOptimizer, SpikeGuard
 from tests.helpers import backward, make_model
 
+# Every test runs with the step decided on the host and on the device (conftest.py).
+pytestmark = pytest.mark.usefixtures("decide_on")
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, SAVE_AT = 40, 20
 # a spike before the save (its emergency cool-down spans the save), skips on both sides,

@@ -30,13 +30,16 @@ def test_a_compiled_model_trains_and_skips_like_the_eager_one() -> None:
 
 
 def test_compiling_step_itself_breaks_at_the_host_reads() -> None:
-    """Measured and documented: the host reads of the decision flags are graph breaks."""
+    """Measured and documented: the host reads of the step's numbers are graph breaks."""
     model = make_model()
     opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
     x, y = batch(0)
-    nn.functional.mse_loss(model(x), y).backward()
+    loss = nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.observe_loss(loss)
     explanation = torch._dynamo.explain(opt.step)()
     reasons = " ".join(str(b.reason) for b in explanation.break_reasons)
     assert explanation.graph_break_count >= 1
-    assert "tolist" in reasons
+    # CPU gradients: the norm and the loss are read (item) and decided in floats
+    assert "Tensor.item()" in reasons
     torch._dynamo.reset()

@@ -10,6 +10,9 @@ from stableopt import SafeOptimizer
 from stableopt.emergency import EmergencyClip
 from tests.helpers import backward, batch, make_model
 
+# Every test runs with the step decided on the host and on the device (conftest.py).
+pytestmark = pytest.mark.usefixtures("decide_on")
+
 
 def held_out_loss(model: nn.Module) -> float:
     with torch.no_grad():

@@ -22,6 +22,9 @@ from tests.helpers import (
     twin,
 )
 
+# Every test runs with the step decided on the host and on the device (conftest.py).
+pytestmark = pytest.mark.usefixtures("decide_on")
+
 
 def poison_grads(model: nn.Module, value: float) -> None:
     params = list(model.parameters())

@@ -26,6 +26,9 @@ from stableopt import DivergenceError, EmergencyLR, PlateauLR, Rollback, SafeOpt
 from stableopt.lr import effective_lr
 from tests.helpers import backward, batch, make_model, twin
 
+# Every test runs with the step decided on the host and on the device (tests.helpers).
+pytestmark = pytest.mark.usefixtures("decide_on")
+
 
 def scale_grads(model: nn.Module, factor: float) -> None:
     for p in model.parameters():
@@ -441,7 +444,9 @@ def factor_before(events: list[Any], step: int) -> float:
 
 @pytest.mark.parametrize("inner", list(INNER))
 @pytest.mark.parametrize("schedule", list(SCHEDULES))
-def test_the_update_uses_schedule_times_our_factor(schedule: str, inner: str) -> None:
+def test_the_update_uses_schedule_times_our_factor(
+    schedule: str, inner: str, decide_on: str
+) -> None:
     model = make_model()
     opt = SafeOptimizer(
         INNER[inner](model.parameters()),
@@ -480,7 +485,10 @@ def test_the_update_uses_schedule_times_our_factor(schedule: str, inner: str) ->
         plateau = 0.5 if step > plateau_step else 1.0
         assert factor_before(events, step) == emergency * plateau, step
     # and the update used exactly schedule x factor at every step it ran
-    expected_steps = set(range(1, STEPS + 1)) - ({NAN_STEP} if inner == "SGD-foreach" else set())
+    # (decided on the host, a skipped step runs no inner optimizer; decided on the
+    # device, a fused one runs it with found_inf set, which changes nothing)
+    runs_skips = decide_on == "device" and inner != "SGD-foreach"
+    expected_steps = set(range(1, STEPS + 1)) - (set() if runs_skips else {NAN_STEP})
     assert used.keys() == expected_steps
     for step in sorted(used):
         assert used[step] == scheduled[step] * factor_before(events, step), step
@@ -652,7 +660,7 @@ def test_without_a_loss_plateau_is_inactive_and_says_so_once(
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("stableopt")]
     assert len([m for m in messages if m.startswith("no loss seen")]) == 1
     assert "plateau scheduling" in messages[0] and caplog.records[0].levelno == logging.INFO
-    assert plateau.factor == 1.0 and plateau.state_dict()["count"] is None
+    assert plateau.factor == 1.0 and plateau.state_dict()["count"] == 0
     opt.zero_grad()
     opt.observe_loss(backward(model, 30))  # a loss: active from now on, no second message
     opt.step()
@@ -728,8 +736,8 @@ def test_state_dict_resume_is_bit_identical_through_cuts_spikes_and_plateaus() -
         b = getattr(resumed_opt, name).state_dict()
         assert a.keys() == b.keys()
         for key in a:
-            if isinstance(a[key], torch.Tensor):
-                assert torch.equal(a[key], b[key]), (name, key)
+            if isinstance(a[key], torch.Tensor):  # NaN: the empty slots of a window
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, equal_nan=True)
             else:
                 assert a[key] == b[key], (name, key)
 

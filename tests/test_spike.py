@@ -29,6 +29,9 @@ from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard
 from stableopt.bench.faults import RegressionTask
 from tests.helpers import OPTIMIZERS, OptimizerInfo, backward, make_model, same_snapshot, snapshot
 
+# Every test runs with the step decided on the host and on the device (conftest.py).
+pytestmark = pytest.mark.usefixtures("decide_on")
+
 
 def scale_grads(model: nn.Module, factor: float) -> None:
     for p in model.parameters():

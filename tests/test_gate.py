@@ -1,0 +1,113 @@
+"""The two ways to a step's verdict agree: decided in floats on the host (CPU gradients)
+and in kernels on the device (the accelerator path, forced on CPU tensors here).
+
+Every stage, every fault kind: the same skips, clips, spikes, LR cuts, rollbacks and
+events, step by step, and the same weights up to the clip coefficient's rounding
+(the host path computes the threshold in float64, the device path in the norm's dtype).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from stableopt import EmergencyClip, PlateauLR, SafeOptimizer, SpikeGuard
+from stableopt._gate import StepGate
+from tests.helpers import backward, make_model
+
+# step -> fault: NaN gradients, an Inf loss, a 1e4x gradient (clipped, emergency),
+# a run of loss spikes (escalation: LR cut, rollback), a norm above skip_above.
+# (The spike guard watches the loss only, so the big gradients reach the clip.)
+FAULTS = {
+    30: "nan_grad",
+    45: "inf_loss",
+    60: "big_grad",
+    61: "big_grad",
+    80: "loss_spike",
+    81: "loss_spike",
+    82: "loss_spike",
+    83: "loss_spike",
+    84: "loss_spike",
+    85: "loss_spike",
+    100: "garbage",
+}
+STEPS = 130
+
+INNER = {
+    "AdamW-foreach": lambda p: torch.optim.AdamW(p, lr=1e-2, foreach=True),
+    "AdamW-fused": lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True),
+    "SGD-forloop": lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9, foreach=False),
+}
+
+
+def _run(inner: str, clip: str, on_host: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.setattr(StepGate, "_host_decisions", on_host)
+    model = make_model()
+    opt = SafeOptimizer(
+        INNER[inner](model.parameters()),
+        clip=clip,
+        emergency_clip=EmergencyClip(threshold=50.0, skip_above=1e6),
+        spike=SpikeGuard(window_steps=32, min_history=16, watch_grad_norm=False),
+        plateau=PlateauLR(patience_steps=20, check_every_steps=5, threshold=0.5),
+    )
+    verdicts = []
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss = backward(model, step)
+        fault = FAULTS.get(step)
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if fault == "nan_grad":
+            grads[0].view(-1)[0] = math.nan
+        elif fault == "big_grad":
+            for g in grads:
+                g.mul_(1e4)
+        elif fault == "garbage":
+            for g in grads:
+                g.mul_(1e9)
+        observed = {"inf_loss": math.inf, "loss_spike": 1e3 * float(loss)}.get(fault or "", loss)
+        opt.observe_loss(observed)
+        opt.step()
+        stats = opt.stats()
+        verdicts.append(
+            (stats["good_steps"], stats["skipped_steps"], stats["total_clips"], stats["lr_factor"])
+        )
+    return {
+        "verdicts": verdicts,
+        "counters": dict(opt.monitor.counters),
+        "events": [(e.step, e.kind) for e in opt.events()],
+        "weights": [p.detach().clone() for p in model.parameters()],
+    }
+
+
+@pytest.mark.parametrize("clip", ["zscore", "percentile", "agc"])
+@pytest.mark.parametrize("inner", list(INNER))
+def test_host_and_device_decide_alike(
+    inner: str, clip: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host = _run(inner, clip, True, monkeypatch)
+    device = _run(inner, clip, False, monkeypatch)
+    assert host["verdicts"] == device["verdicts"]
+    assert host["counters"] == device["counters"]
+    assert host["events"] == device["events"]
+    for a, b in zip(host["weights"], device["weights"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # the run exercised what it is meant to: skips, clips, an emergency, a rollback
+    counters = host["counters"]
+    assert counters["skipped_steps"] >= 8 and counters["total_clips"] >= 2
+    assert counters["emergency_clips"] >= 1 and counters["rollbacks"] >= 1
+    assert any(kind == "lr_cut" for _, kind in host["events"])
+
+
+def test_cpu_gradients_decide_on_the_host_and_sharded_ones_do_not() -> None:
+    model = nn.Linear(4, 2)
+    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    grads = [torch.zeros(2, 4), torch.zeros(2)]
+    assert opt._decides_on_host(grads)
+    agc = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), clip="agc")
+    assert not agc._decides_on_host(grads)  # a unit-wise clip works on the tensors
+    meta = [torch.zeros(2, 4, device="meta")]
+    assert not opt._decides_on_host(meta)
