@@ -3,20 +3,21 @@
 ``step()`` reads top to bottom as the stages of the pipeline::
 
     loss     = closure()                      (under enable_grad, if given)
-    stats    = grad_stats(grads)              one foreach pass: total norm + finite flag
-    clip     = policy.decide(stats)           clip coefficient, on the device
-    guard    : non-finite gradients           -> skip, inner state untouched
-    inner.step()                              coefficient and skip ride in grad_scale /
-                                              found_inf for fused optimizers
+    stats    = grad_stats(grads)              one foreach pass: the total norm (and the loss mean)
+    verdict  : skip? clip coefficient?        non-finite, spike, garbage -> skip (stableopt._gate)
+    inner.step()                              the coefficient (and, fused, the skip) ride in
+                                              grad_scale / found_inf
     verify   : weights finite?                no -> restore the last good snapshot
+    observe  : histories take the step's numbers (accepted steps only, on the host)
     snapshot : every N good steps
-    monitor  : counters, health, events; DivergenceError past the failure budget
+    respond  : counters, health, events, LR; DivergenceError past the failure budget
 
-Host syncs per step: a fused inner optimizer (``fused=True`` Adam, AdamW, SGD,
-Adagrad) takes the skip through ``found_inf``, so the step reads the device once,
-after the update, for the weight check and the counters. Any other optimizer must
-know before its update whether to run it: one read before and one after (one in
-all when the step is skipped). Events read their numbers only when they happen.
+The verdict is decided in floats when every gradient is a plain CPU tensor
+(reading a CPU number is not a sync), else on the device: then a fused inner
+optimizer (``fused=True`` Adam, AdamW, SGD, Adagrad) takes the skip through
+``found_inf`` and the step reads the device once, after the update; any other
+optimizer must know before its update whether to run it, and reads once, before.
+Events and ``stats()`` use the numbers already read.
 """
 
 from __future__ import annotations

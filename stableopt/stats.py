@@ -23,7 +23,7 @@ Distributed runs. Every collective of the module goes through :func:`_sum_over_r
 * The weight check (:func:`all_finite`) sums a local "bad" flag (a logical OR of
   non-finite shards), so a NaN in any rank's shard is seen by every rank.
 * Flags that are themselves ``DTensor``\\ s (a unit-wise clip on sharded
-  parameters) are made whole in :func:`read_flags` before the host read.
+  parameters) are made whole in :func:`read_host` before the host read.
 
 So every flag the host reads is computed from identical inputs on every rank and
 every rank decides the same. Plain tensors (one process, DDP, whose gradients
