@@ -398,7 +398,7 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
     # -- what it did ----------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters and the latest numbers of the run (reading them may sync).
+        """Counters and the latest numbers of the run (host values: reading them never syncs).
 
         Keys: ``steps`` (calls to ``step()``), ``good_steps``, ``skipped_steps``,
         ``spike_skips``, ``rollbacks``, ``consecutive_failures``, ``total_clips``,
