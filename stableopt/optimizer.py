@@ -343,24 +343,19 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
         is_fused: bool,
         amp_scale: Tensor | None,
     ) -> None:
+        """The inner update, at our LR factor. ``is_ok`` (fused only): a device verdict
+        for ``found_inf``; ``None`` when the host already decided the update runs."""
         with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
-            self._inner_step(grads, is_ok, coefficient, is_fused, amp_scale)
+            if not is_fused:
+                if coefficient is not None and grads:
+                    scale_(grads, coefficient)
+                self.optimizer.step()
+            else:
+                self._fused_step(is_ok, coefficient, amp_scale)
 
-    def _inner_step(
-        self,
-        grads: list[Tensor],
-        is_ok: Tensor | None,
-        coefficient: Tensor | None,
-        is_fused: bool,
-        amp_scale: Tensor | None,
+    def _fused_step(
+        self, is_ok: Tensor | None, coefficient: Tensor | None, amp_scale: Tensor | None
     ) -> None:
-        """The inner update. ``is_ok`` (fused only): a device verdict for ``found_inf``;
-        ``None`` when the host already decided the update runs."""
-        if not is_fused:
-            if coefficient is not None and grads:
-                scale_(grads, coefficient)
-            self.optimizer.step()
-            return
         # GradScaler's protocol: the fused kernel divides every gradient by
         # grad_scale and leaves weights and state alone when found_inf is non-zero.
         # GradScaler's own scale and our clip coefficient compose into one divisor.
