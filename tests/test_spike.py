@@ -775,3 +775,17 @@ def test_defaults_and_repr() -> None:
     assert "window_steps=128" in repr(guard) and "early_ratio=100.0" in repr(guard)
     assert "early_ratio=None" in repr(SpikeGuard(early_ratio=None))
     assert SpikeGuard(early_ratio=2).early_ratio == 2.0
+
+
+def test_the_windows_mad_equals_a_sorted_reference() -> None:
+    """The O(log n) MAD selection against sorting every deviation (numpy), windows with ties."""
+    from stableopt.spike import _lower_median_deviation
+
+    rng = np.random.default_rng(7)
+    for _ in range(2000):
+        n = int(rng.integers(1, 60))
+        values = np.where(rng.random(n) < 0.3, rng.integers(0, 4, n), rng.random(n))
+        ordered = sorted(float(v) for v in values)
+        k = (n - 1) // 2
+        expected = _lower_median(np.abs(np.asarray(ordered) - ordered[k]))
+        assert _lower_median_deviation(ordered, k) == expected
