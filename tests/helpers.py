@@ -139,3 +139,15 @@ def same_snapshot(
             elif va != vb:
                 return False
     return True
+
+
+def scale_grads(model: nn.Module, factor: float) -> None:
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(factor)
+
+
+def set_first_grad(model: nn.Module, value: float) -> None:
+    grad = next(model.parameters()).grad
+    assert grad is not None
+    grad.view(-1)[0] = value

@@ -24,22 +24,10 @@ from torch.optim import lr_scheduler as lrs
 
 from stableopt import DivergenceError, EmergencyLR, PlateauLR, Rollback, SafeOptimizer, SpikeGuard
 from stableopt.lr import effective_lr
-from tests.helpers import backward, batch, make_model, twin
+from tests.helpers import backward, batch, make_model, scale_grads, set_first_grad, twin
 
-# Every test runs with the step decided on the host and on the device (tests.helpers).
+# Every test runs with the step decided on the host and on the device (conftest.py).
 pytestmark = pytest.mark.usefixtures("decide_on")
-
-
-def scale_grads(model: nn.Module, factor: float) -> None:
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(factor)
-
-
-def set_first_grad(model: nn.Module, value: float) -> None:
-    grad = next(model.parameters()).grad
-    assert grad is not None
-    grad.view(-1)[0] = value
 
 
 @pytest.fixture(autouse=True)

@@ -27,22 +27,19 @@ from torch import nn
 
 from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard
 from stableopt.bench.faults import RegressionTask
-from tests.helpers import OPTIMIZERS, OptimizerInfo, backward, make_model, same_snapshot, snapshot
+from tests.helpers import (
+    OPTIMIZERS,
+    OptimizerInfo,
+    backward,
+    make_model,
+    same_snapshot,
+    scale_grads,
+    set_first_grad,
+    snapshot,
+)
 
 # Every test runs with the step decided on the host and on the device (conftest.py).
 pytestmark = pytest.mark.usefixtures("decide_on")
-
-
-def scale_grads(model: nn.Module, factor: float) -> None:
-    for p in model.parameters():
-        if p.grad is not None:
-            p.grad.mul_(factor)
-
-
-def set_first_grad(model: nn.Module, value: float) -> None:
-    grad = next(model.parameters()).grad
-    assert grad is not None
-    grad.view(-1)[0] = value
 
 
 # ---------------------------------------------------------------------------------
