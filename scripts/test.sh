@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 NO_MKDOCS_2_WARNING=1
-ruff check stableopt tests
-ruff format --check stableopt tests
-mypy stableopt
+ruff check stableopt benchmarks tests
+ruff format --check stableopt benchmarks tests
+mypy stableopt benchmarks
 python -m pytest -q -p no:cacheprovider
 mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/stableopt-site"

@@ -1,4 +1,4 @@
-"""The ``stableopt`` command: ``python -m stableopt demo``, ``bench --perf`` (``report`` to come).
+"""The ``stableopt`` command: ``python -m stableopt demo``, ``report``, ``bench``.
 
 Every subcommand is one ``_add_<name>(subparsers, common)`` function that adds
 its parser and sets ``handler`` to the function that runs it; :func:`main` parses,
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import stableopt
@@ -88,204 +88,31 @@ def _run_demo(args: argparse.Namespace) -> int:
 def _add_bench(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
     parser = subparsers.add_parser(
         "bench",
-        parents=[common],
-        help="benchmarks: stability under faults (default) or --perf for the per-step overhead",
-        description=(
-            "Without --perf: the stability benchmark (plain AdamW, hand-written guards, ZClip, "
-            "AutoClip, OLMo-core SkipStepAdamW and SafeOptimizer with each stage off in turn, "
-            "under injected faults); writes stability.md, .csv and .png to --out. "
-            "--perf: per-step time and peak memory of SafeOptimizer(X) (defaults, each stage alone, "
-            "each clip policy) against X + clip_grad_norm_ and bare X, for SGD, Adam and AdamW in "
-            "their for-loop, foreach and fused versions, measured interleaved in one process. "
-            "Writes perf-<device>.md and .csv to --out and prints the Markdown."
-        ),
+        add_help=False,  # --help goes to the benchmark command's own parser
+        help="benchmarks (from a source checkout): stability under faults, --perf, ...",
+        description="Run the benchmarks of benchmarks/ in the source checkout.",
     )
-    parser.add_argument(
-        "--perf", action="store_true", help="run the overhead benchmark (time and memory per step)"
-    )
-    perf = parser.add_argument_group("--perf options")
-    perf.add_argument(
-        "--quick",
-        action="store_true",
-        help="a 100k-parameter model and few rounds: seconds, for a check (writes perf-<device>-quick.*)",
-    )
-    perf.add_argument(
-        "--sizes",
-        type=_sizes,
-        default=None,
-        help="model sizes in parameters, comma-separated (default 1M,10M,50M)",
-    )
-    perf.add_argument(
-        "--optimizers",
-        type=_choices("sgd", "adam", "adamw"),
-        default=None,
-        help="inner optimizers, comma-separated, of sgd,adam,adamw (default all)",
-    )
-    perf.add_argument(
-        "--impls",
-        type=_choices("forloop", "foreach", "fused"),
-        default=None,
-        help="implementations, comma-separated, of forloop,foreach,fused (default all)",
-    )
-    perf.add_argument(
-        "--rounds",
-        type=_int_at_least(1),
-        default=None,
-        help="timed rounds per configuration (default by size: 30 at 1M, 10 at 10M, 5 at 50M)",
-    )
-    perf.add_argument(
-        "--warmup",
-        type=_int_at_least(0),
-        default=None,
-        help="untimed steps per method first (default by size: 5 at 1M, 2 from 2.5M)",
-    )
-    perf.add_argument(
-        "--threads",
-        type=_int_at_least(1),
-        default=None,
-        help=(
-            "torch threads (default 1 on CPU: more threads than free cores make every "
-            "OpenMP kernel wait for a descheduled thread on a shared machine)"
-        ),
-    )
-    perf.add_argument(
-        "--device",
-        choices=("cpu", "cuda"),
-        default=None,
-        help="where to measure (default cuda when available, else cpu)",
-    )
-    perf.add_argument("--out", default="results", help="output folder (default results/)")
-    _add_stability_options(parser)
     parser.set_defaults(handler=_run_bench)
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    from stableopt.bench.perf import parse_size
-
+def _run_bench(bench_args: Sequence[str]) -> int:
+    """Hand the arguments to ``benchmarks.cli``: the benchmarks are not installed with the
+    package; they live in the source checkout next to it."""
     try:
-        sizes = tuple(parse_size(part) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    if not sizes or min(sizes) < 1000:
-        raise argparse.ArgumentTypeError(f"sizes must be parameter counts >= 1000, got {text!r}")
-    return sizes
-
-
-def _choices(*accepted: str) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        values = tuple(part.strip().lower() for part in text.split(",") if part.strip())
-        unknown = [v for v in values if v not in accepted]
-        if unknown or not values:
-            raise argparse.ArgumentTypeError(
-                f"must be a comma-separated list of {','.join(accepted)}, got {text!r}"
+        from benchmarks.cli import main as bench_main
+    except ImportError:
+        checkout = Path(stableopt.__file__).resolve().parents[1]
+        if not (checkout / "benchmarks" / "cli.py").is_file():
+            print(
+                "stableopt bench: the benchmarks are not installed with the package; run this "
+                "command from a source checkout (git clone the repository, then "
+                "`pip install -e . -r benchmarks/requirements.txt`)",
+                file=sys.stderr,
             )
-        return values
-
-    return parse
-
-
-def _run_bench(args: argparse.Namespace) -> int:
-    if args.perf:
-        return _run_perf(args)
-    return _run_stability(args)
-
-
-def _run_stability(args: argparse.Namespace) -> int:
-    from stableopt.bench.stability import QUICK, QUICK_STEPS, StabilityConfig, run_stability
-    from stableopt.bench.stability_report import format_markdown, write_results
-
-    chosen: dict[str, Any] = dict(QUICK) if args.quick else {}
-    if args.quick:
-        chosen.update(seeds=1, steps=dict(QUICK_STEPS), jobs=1)
-    for name in ("scenarios", "methods", "families", "seeds", "jobs"):
-        if getattr(args, name, None) is not None:
-            chosen[name] = getattr(args, name)
-    if args.steps is not None:
-        chosen["steps"] = dict.fromkeys(("mlp", "lm"), args.steps)
-    config = StabilityConfig(**chosen)
-    result = run_stability(config, progress=not args.no_progress)
-    result.command = "python -m stableopt " + shlex.join(args.argv)
-    written = write_results(result, args.out, "stability-quick" if args.quick else "stability")
-    print(format_markdown(result))
-    print(f"(wrote {', '.join(written)}; {result.seconds:.0f} s)")
-    return 0
-
-
-def _add_stability_options(parser: argparse.ArgumentParser) -> None:
-    from stableopt.bench.stability import FAMILIES, METHODS, SCENARIOS
-
-    group = parser.add_argument_group("stability options (plain `bench`; --quick and --out too)")
-    group.add_argument(
-        "--scenarios",
-        type=_choices(*SCENARIOS),
-        default=None,
-        help=f"comma-separated, of {','.join(SCENARIOS)} (default all)",
-    )
-    group.add_argument(
-        "--methods",
-        type=_choices(*METHODS),
-        default=None,
-        help=f"comma-separated, of {','.join(METHODS)} (default all)",
-    )
-    group.add_argument(
-        "--families",
-        type=_choices(*FAMILIES),
-        default=None,
-        help="model families, comma-separated, of mlp,lm (default both)",
-    )
-    group.add_argument(
-        "--seeds", type=_int_at_least(1), default=None, help="seeds per cell (default 3)"
-    )
-    group.add_argument(
-        "--steps",
-        type=_int_at_least(10),
-        default=None,
-        help="training steps for every family (default mlp 80, lm 50)",
-    )
-    group.add_argument(
-        "--jobs",
-        type=_int_at_least(1),
-        default=None,
-        help="worker processes (default 2; 1 with --quick)",
-    )
-    group.add_argument(
-        "--no-progress", action="store_true", help="no progress bar / progress lines"
-    )
-
-
-def _run_perf(args: argparse.Namespace) -> int:
-    import torch
-
-    from stableopt.bench.perf import QUICK_SIZES, PerfConfig, run_perf
-    from stableopt.bench.perf_report import format_markdown, write_results
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        print("stableopt bench --perf: --device cuda but CUDA is not available", file=sys.stderr)
-        return 2
-    quick = {"sizes": QUICK_SIZES, "rounds": 15, "warmup": 3} if args.quick else {}
-    chosen = {
-        "sizes": args.sizes,
-        "optimizers": args.optimizers,
-        "impls": args.impls,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-    }
-    # On a GPU the host threads matter little: leave them as they are.
-    threads = args.threads if args.threads is not None else (1 if device == "cpu" else None)
-    config = PerfConfig(
-        **{**quick, **{k: v for k, v in chosen.items() if v is not None}},
-        threads=threads,
-        device=device,
-    )
-    result = run_perf(config)
-    result.command = "python -m stableopt " + shlex.join(args.argv)
-    markdown_path, csv_path = write_results(
-        result, args.out, f"perf-{device}{'-quick' if args.quick else ''}"
-    )
-    print(format_markdown(result))
-    print(f"(wrote {markdown_path} and {csv_path}; {result.seconds:.0f} s)")
-    return 0
+            return 2
+        sys.path.insert(0, str(checkout))
+        from benchmarks.cli import main as bench_main
+    return int(bench_main(list(bench_args)))
 
 
 def _add_report(subparsers: _Subparsers, common: argparse.ArgumentParser) -> None:
@@ -336,7 +163,8 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``stableopt`` command; return its exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # every option after it is the benchmark command's own
+        return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    args.argv = argv  # the exact command, for the benchmark's results file
-    _configure_logging(args.verbose)
+    _configure_logging(getattr(args, "verbose", False))
     return int(args.handler(args))

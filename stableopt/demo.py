@@ -1,7 +1,7 @@
 """The demo: plain AdamW and SafeOptimizer(AdamW) through the same faults.
 
 Both train the same MLP (same seed, same data order) on a synthetic regression
-task while :mod:`stableopt.bench.faults` injects, at fixed fractions of the run,
+task while :mod:`stableopt.testing.faults` injects, at fixed fractions of the run,
 NaN gradients, an Inf loss, a 1e5x gradient spike and an update that leaves NaN
 weights. :func:`run_demo` returns the numbers; :func:`format_report` turns them
 into the plain-text table that ``python -m stableopt demo`` prints.
@@ -21,10 +21,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from stableopt._checks import check_float, check_int
-from stableopt.bench.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Event, Monitor
 from stableopt.optimizer import SafeOptimizer
+from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,9 @@ from torch import nn
 from torch.optim import Optimizer
 
 from stableopt import SafeOptimizer
-from stableopt.bench import (
+from stableopt.cli import main
+from stableopt.demo import DemoResult, demo_schedule, format_report, run_demo
+from stableopt.testing import (
     FAULT_KINDS,
     FaultInjector,
     FaultSchedule,
@@ -28,8 +30,6 @@ from stableopt.bench import (
     make_mlp,
     run_training,
 )
-from stableopt.cli import main
-from stableopt.demo import DemoResult, demo_schedule, format_report, run_demo
 
 # 150 steps: the last snapshot (after 100 good steps) comes before the nan_weights
 # fault at step 128, so the rollback does not land on the untrained model.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from stableopt.bench.perf import METHODS, PerfConfig, PerfRow, parse_size, run_perf
-from stableopt.bench.perf_report import format_markdown, write_results
+from benchmarks.perf import METHODS, PerfConfig, PerfRow, parse_size, run_perf
+from benchmarks.perf_report import format_markdown, write_results
 from stableopt.cli import main
 
 IMPLS = ("foreach", "fused")

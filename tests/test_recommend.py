@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from stableopt import EmergencyLR, Monitor, PlateauLR, SafeOptimizer
-from stableopt.bench.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Sink
 from stableopt.recommend import (
@@ -20,6 +19,7 @@ from stableopt.recommend import (
     recommend,
     recommendations,
 )
+from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 
 LR = 1e-2
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard
-from stableopt.bench.faults import RegressionTask
+from stableopt.testing.faults import RegressionTask
 from tests.helpers import (
     OPTIMIZERS,
     OptimizerInfo,

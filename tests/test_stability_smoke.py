@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from stableopt.bench.stability import StabilityConfig, StabilityResult, run_stability
-from stableopt.bench.stability_report import format_markdown, summarize, write_results
+from benchmarks.stability import StabilityConfig, StabilityResult, run_stability
+from benchmarks.stability_report import format_markdown, write_results
+from benchmarks.stability_summary import summarize
 
 SCENARIOS = ("clean", "nan_grad")
 METHODS = ("adamw", "adamw+clip", "safe")

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from stableopt.bench.perf_memory import (
+from benchmarks.perf_memory import (
     count_syncs,
     optimizer_state_bytes,
     tensor_bytes,

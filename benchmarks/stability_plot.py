@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from stableopt.bench.stability import StabilityResult
-from stableopt.bench.stability_report import format_ratio, summarize
+from benchmarks.stability import StabilityResult
+from benchmarks.stability_summary import format_ratio, summarize
 
 __all__ = ["plot_ratios"]
 

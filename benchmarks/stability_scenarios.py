@@ -1,11 +1,11 @@
 """The stability benchmark's model families and scenarios: what is trained, and under what.
 
-- ``mlp``: :class:`~stableopt.bench.faults.RegressionTask` (a tanh MLP, MSE).
+- ``mlp``: :class:`~stableopt.testing.faults.RegressionTask` (a tanh MLP, MSE).
 - ``lm``: :class:`TokenTask`, a 2-layer ``nn.TransformerEncoder`` (d=32, vocab 64,
   length 16) learning a noisy copy language (cross-entropy).
 
 A :class:`Scenario` is a fault (``kind`` at ``rate`` of the steps), a bad setting or a
-task change; :mod:`stableopt.bench.stability` runs each method under each of them.
+task change; :mod:`benchmarks.stability` runs each method under each of them.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from stableopt.bench.faults import FaultKind, FaultSchedule, RegressionTask
+from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask
 
 __all__ = ["FAMILIES", "SCENARIOS", "Family", "Scenario", "TokenTask"]
 

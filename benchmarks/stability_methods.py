@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from stableopt.bench.stability_scenarios import _WeightedLoss
+from benchmarks.stability_scenarios import _WeightedLoss
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Monitor
 from stableopt.optimizer import SafeOptimizer

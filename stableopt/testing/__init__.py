@@ -1,6 +1,7 @@
-"""Fault-injection scenarios shared by the demo, the stability benchmark and the tests."""
+"""Fault injection for tests, demos and benchmarks: reproducible NaN gradients, Inf losses,
+spikes, poisoned batches and corrupting updates (see :mod:`stableopt.testing.faults`)."""
 
-from stableopt.bench.faults import (
+from stableopt.testing.faults import (
     FAULT_KINDS,
     FaultInjector,
     FaultKind,

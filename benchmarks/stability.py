@@ -1,16 +1,16 @@
 """The stability benchmark: SafeOptimizer(AdamW) against what people use today, under faults.
 
 ``python -m stableopt bench`` trains small models under each *scenario* (a fault, a
-bad setting or an awkward task: :mod:`stableopt.bench.stability_scenarios`) with each
+bad setting or an awkward task: :mod:`benchmarks.stability_scenarios`) with each
 *method* (plain AdamW, AdamW with the usual hand-written guards, ZClip, AutoClip,
 OLMo-core's SkipStepAdamW, SafeOptimizer with defaults and with each stage off in
-turn: :mod:`stableopt.bench.stability_methods`), on the same seeds, weights and data
+turn: :mod:`benchmarks.stability_methods`), on the same seeds, weights and data
 order, and records the final held-out loss as a ratio to plain AdamW on the
 fault-free run of the same task and seed. This module runs them;
-:mod:`stableopt.bench.stability_report` writes the results and
-:mod:`stableopt.bench.stability_plot` draws them.
+:mod:`benchmarks.stability_report` writes the results and
+:mod:`benchmarks.stability_plot` draws them.
 
-The faults come from :mod:`stableopt.bench.faults` (:class:`FaultSchedule`,
+The faults come from :mod:`stableopt.testing.faults` (:class:`FaultSchedule`,
 :class:`FaultInjector`); the few that do not exist there for token data are
 made here, at the same point of the step: ``inf_loss`` on the LM sets one logit
 to ``+inf`` (an fp16-style overflow on a bad batch), ``poison_batch`` on the LM
@@ -31,8 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stableopt.bench.faults import FaultInjector, FaultSchedule, RegressionTask
-from stableopt.bench.stability_methods import (
+from benchmarks.stability_methods import (
     ABLATIONS,
     BASELINES,
     METHODS,
@@ -40,7 +39,7 @@ from stableopt.bench.stability_methods import (
     olmo_status,
     unavailable_methods,
 )
-from stableopt.bench.stability_scenarios import (
+from benchmarks.stability_scenarios import (
     _STRIDE,
     FAMILIES,
     SCENARIOS,
@@ -50,6 +49,7 @@ from stableopt.bench.stability_scenarios import (
     _WeightedLoss,
 )
 from stableopt.errors import DivergenceError
+from stableopt.testing.faults import FaultInjector, FaultSchedule, RegressionTask
 
 # The families, scenarios and methods are re-exported: they are the benchmark's vocabulary.
 __all__ = [

@@ -1,4 +1,4 @@
-"""Memory and sync measurement of the overhead benchmark (see :mod:`stableopt.bench.perf`).
+"""Memory and sync measurement of the overhead benchmark (see :mod:`benchmarks.perf`).
 
 Tensor bytes, not process RSS: persistent bytes are ``numel * element_size`` summed
 over the tensors an optimizer or a stage holds; the transient peak of one step comes

@@ -1,79 +1,29 @@
-"""The stability benchmark's results: per-cell summaries, the Markdown report and the CSV.
+"""The stability benchmark's results: the Markdown report, the CSV and the plot's file.
 
-See :mod:`stableopt.bench.stability` for the runs; the plot is
-:mod:`stableopt.bench.stability_plot`.
+See :mod:`benchmarks.stability` for the runs, :mod:`benchmarks.stability_summary`
+for the per-cell summaries and :mod:`benchmarks.stability_plot` for the plot.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from stableopt.bench.stability import RunRecord, StabilityResult
-from stableopt.bench.stability_methods import ABLATIONS
-from stableopt.bench.stability_scenarios import FAMILIES, SCENARIOS
+from benchmarks.stability import StabilityResult
+from benchmarks.stability_methods import ABLATIONS
+from benchmarks.stability_plot import plot_ratios
+from benchmarks.stability_scenarios import FAMILIES, SCENARIOS
+from benchmarks.stability_summary import Cell, format_ratio, summarize
 
 __all__ = [
     "CLEAN_WITHIN",
     "HEADLINE",
     "SURVIVE_WITHIN",
-    "Cell",
     "format_markdown",
-    "format_ratio",
-    "summarize",
     "target_verdicts",
     "write_results",
 ]
-
-
-# -- summary ----------------------------------------------------------------------
-
-
-@dataclass
-class Cell:
-    """One (family, scenario, method) over its seeds."""
-
-    family: str
-    scenario: str
-    method: str
-    seeds: int
-    diverged: int
-    ratio_median: float
-    ratio_min: float
-    ratio_max: float
-    skipped: float
-    rollbacks: float
-    lr_cuts: float
-
-
-def summarize(records: Sequence[RunRecord]) -> list[Cell]:
-    """One :class:`Cell` per (family, scenario, method), in the order of ``records``."""
-    groups: dict[tuple[str, str, str], list[RunRecord]] = {}
-    for r in records:
-        groups.setdefault((r.family, r.scenario, r.method), []).append(r)
-    cells = []
-    for (family, scenario, method), rs in groups.items():
-        ratios = [r.ratio for r in rs]
-        cells.append(
-            Cell(
-                family,
-                scenario,
-                method,
-                len(rs),
-                sum(r.diverged for r in rs),
-                statistics.median(ratios),
-                min(ratios),
-                max(ratios),
-                statistics.median(r.skipped for r in rs),
-                statistics.median(r.rollbacks for r in rs),
-                statistics.median(r.lr_cuts for r in rs),
-            )
-        )
-    return cells
 
 
 # -- report -----------------------------------------------------------------------
@@ -92,13 +42,6 @@ def _fmt_cell(cell: Cell | None) -> str:
     if cell.diverged:
         text += f" **{cell.diverged}/{cell.seeds} div**"
     return text
-
-
-def format_ratio(x: float) -> str:
-    """A loss ratio for a table cell: 3 decimals below 100, 3 significant digits above."""
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.3f}" if x < 100 else f"{x:.3g}"
 
 
 def _table(cells: list[Cell], methods: Sequence[str], rows: list[tuple[str, str]]) -> list[str]:
@@ -237,8 +180,6 @@ def write_results(result: StabilityResult, out: str, stem: str = "stability") ->
     """Write ``<stem>.md``, ``<stem>.csv`` and (with matplotlib) ``<stem>.png`` under ``out``."""
     import csv
     from pathlib import Path
-
-    from stableopt.bench.stability_plot import plot_ratios  # it builds on this module
 
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The overhead benchmark's results as Markdown and CSV (see :mod:`stableopt.bench.perf`)."""
+"""The overhead benchmark's results as Markdown and CSV (see :mod:`benchmarks.perf`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from stableopt.bench.perf import CLIP_MAX_NORM, METHODS, PerfResult, PerfRow, size_label
+from benchmarks.perf import CLIP_MAX_NORM, METHODS, PerfResult, PerfRow, size_label
 
 __all__ = ["format_markdown", "write_results"]
 

@@ -1,0 +1,52 @@
+"""What `pip install stableopt` ships: the package, and nothing of the benchmarks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    """A wheel built from a clean copy of the source tree (no stale build/ folder)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "src"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "site"),
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp / "dist"), str(source)],
+        check=True,
+    )  # fmt: skip
+    (built,) = (tmp / "dist").glob("stableopt-*.whl")
+    return zipfile.ZipFile(built)
+
+
+def test_the_wheel_ships_no_benchmark_code(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    packages = {name.split("/")[0] for name in names}
+    assert "benchmarks" not in packages
+    assert not [name for name in names if "bench" in name.lower()]
+    assert "stableopt/testing/faults.py" in names  # the fault-injection helpers stay importable
+
+
+def test_the_wheel_pulls_no_benchmark_dependency(wheel: zipfile.ZipFile) -> None:
+    (metadata,) = [n for n in wheel.namelist() if n.endswith(".dist-info/METADATA")]
+    text = wheel.read(metadata).decode()
+    required = [
+        line.split(":", 1)[1].strip()
+        for line in text.splitlines()
+        if line.startswith("Requires-Dist:") and "extra ==" not in line
+    ]
+    assert sorted(r.split(">")[0].split("=")[0] for r in required) == ["numpy", "scipy", "torch"]
+    assert "ai2-olmo-core" not in text and "Provides-Extra: bench" not in text
