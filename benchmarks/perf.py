@@ -491,9 +491,7 @@ def _row(
             snapshot_ms = _time_snapshot(lambda: rollback.take(inner, 0), is_cuda)
         snapshot_bytes = tensor_bytes(tensors_in(rollback))
         stages = [s for k, s in optimizer._stages().items() if k != "rollback"]
-        history_bytes = tensor_bytes(
-            tensors_in([stages, optimizer._last_grad_norm, optimizer._last_threshold])
-        )
+        history_bytes = tensor_bytes(tensors_in([stages, optimizer.last_verdict]))
         counters = optimizer.monitor.counters
         interventions = counters["skipped_steps"] + counters["rollbacks"]
     q1, median, q3 = _quantiles(times)

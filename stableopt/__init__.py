@@ -1,18 +1,28 @@
 """stableopt: PyTorch training that survives exploding gradients, NaN losses and corrupted weights."""
 
-from stableopt.adaptive import PercentileClip, ZScoreClip
-from stableopt.agc import UnitwiseClip
-from stableopt.clipping import ClipPolicy, FixedClip
-from stableopt.emergency import EmergencyClip
 from stableopt.errors import DivergenceError
 from stableopt.loss import ConsistencyLoss, SafeLoss
-from stableopt.lr import EmergencyLR, PlateauLR
-from stableopt.monitor import Event, Monitor
+from stableopt.monitor import Event, Monitor, Sink
 from stableopt.optimizer import SafeOptimizer
-from stableopt.rollback import Rollback
-from stableopt.spike import SpikeGuard
+from stableopt.recommend import Recommendation
+from stableopt.stages import (
+    AGCClip,
+    ClipPolicy,
+    EmergencyClip,
+    EmergencyLR,
+    FixedClip,
+    PercentileClip,
+    PlateauLR,
+    Rollback,
+    SpikeGuard,
+    Stage,
+    StepNumbers,
+    ZScoreClip,
+)
+from stableopt.verdict import SkipReason, StepVerdict
 
 __all__ = [
+    "AGCClip",
     "ClipPolicy",
     "ConsistencyLoss",
     "DivergenceError",
@@ -23,11 +33,16 @@ __all__ = [
     "Monitor",
     "PercentileClip",
     "PlateauLR",
+    "Recommendation",
     "Rollback",
     "SafeLoss",
     "SafeOptimizer",
+    "SkipReason",
+    "Sink",
     "SpikeGuard",
-    "UnitwiseClip",
+    "Stage",
+    "StepNumbers",
+    "StepVerdict",
     "ZScoreClip",
 ]
 

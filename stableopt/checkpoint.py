@@ -14,8 +14,17 @@ from typing import Any
 from torch.optim import Optimizer
 
 from stableopt.monitor import Monitor
+from stableopt.verdict import StepVerdict
 
-__all__ = ["FORMAT_VERSION", "STATE_KEY", "check_same_setup", "load_stages", "pack", "qualname"]
+__all__ = [
+    "FORMAT_VERSION",
+    "STATE_KEY",
+    "check_same_setup",
+    "last_verdict",
+    "load_stages",
+    "pack",
+    "qualname",
+]
 
 STATE_KEY = "stableopt"
 FORMAT_VERSION = 1
@@ -61,15 +70,25 @@ def check_same_setup(ours: Any, optimizer: Optimizer, stages: Mapping[str, Any])
             )
 
 
-def load_stages(
-    ours: Mapping[str, Any], optimizer: Optimizer, stages: Mapping[str, Any], monitor: Monitor
-) -> None:
+def load_stages(ours: Mapping[str, Any], stages: Mapping[str, Any], monitor: Monitor) -> None:
     """Load every stage's state and the monitor's (after :func:`check_same_setup`)."""
     for name, stage in stages.items():
-        if stage is None:
-            continue
-        if name == "rollback":  # the snapshot is matched to the optimizer's parameters
-            stage.load_state_dict(ours["stages"][name], optimizer)
-        else:
+        if stage is not None:
             stage.load_state_dict(ours["stages"][name])
     monitor.load_state_dict(ours["monitor"])
+
+
+def last_verdict(ours: Mapping[str, Any], step: int) -> StepVerdict | None:
+    """The numbers of the last step before the checkpoint, as ``stats()`` shows them."""
+    grad_norm = ours.get("last_grad_norm")
+    if grad_norm is None:
+        return None
+    loss, threshold = ours.get("last_loss"), ours.get("last_threshold")
+    return StepVerdict(
+        step=step,
+        grad_norm=float(grad_norm),
+        loss=None if loss is None else float(loss),
+        is_accepted=True,
+        skip_reason=None,
+        clip_threshold=None if threshold is None else float(threshold),
+    )

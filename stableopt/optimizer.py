@@ -2,22 +2,20 @@
 
 ``step()`` reads top to bottom as the stages of the pipeline::
 
-    loss     = closure()                      (under enable_grad, if given)
-    stats    = grad_stats(grads)              one foreach pass: the total norm (and the loss mean)
-    verdict  : skip? clip coefficient?        non-finite, spike, garbage -> skip (stableopt._gate)
-    inner.step()                              the coefficient (and, fused, the skip) ride in
-                                              grad_scale / found_inf
-    verify   : weights finite?                no -> restore the last good snapshot
-    observe  : histories take the step's numbers (accepted steps only, on the host)
-    snapshot : every N good steps
-    respond  : counters, health, events, LR; DivergenceError past the failure budget
+    loss     = closure()                     (under enable_grad, if given)
+    stats    = grad_stats(grads)             one foreach pass: the total norm (and the loss mean)
+    gate     : skip? clip coefficient?       stableopt.gate: read, then decide in floats;
+                                             or, fused on an accelerator, on the device
+    inner.step()                             at our LR factor; the coefficient (and, on the
+                                             device, the skip) ride in grad_scale / found_inf
+    verify   : weights finite?               stableopt.weight_check
+    respond  : histories, snapshot, counters, events, LR, escalation    stableopt.response
 
-The verdict is decided in floats when every gradient is a plain CPU tensor
-(reading a CPU number is not a sync), else on the device: then a fused inner
-optimizer (``fused=True`` Adam, AdamW, SGD, Adagrad) takes the skip through
-``found_inf`` and the step reads the device once, after the update; any other
-optimizer must know before its update whether to run it, and reads once, before.
-Events and ``stats()`` use the numbers already read.
+Each stage is an object of :mod:`stableopt.stages` with its own state; the gate and
+the response hold no state of a stage's. The step reads the device once: before the
+update (the gradients' own device is the CPU, or the optimizer is not fused: its
+update must wait for the verdict) or after it (a fused optimizer takes the skip in
+``found_inf``). Events and ``stats()`` use the numbers already read.
 """
 
 from __future__ import annotations
@@ -25,34 +23,33 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from stableopt import checkpoint, recommend
-from stableopt._checks import check_choice, check_int
-from stableopt._gate import StepGate
-from stableopt._response import StepResponse
-from stableopt.agc import UnitwiseClip
-from stableopt.clipping import ClipPolicy, resolve_clip
-from stableopt.emergency import EmergencyClip
-from stableopt.lr import EmergencyLR, PlateauLR, scaled_lr
+from stableopt._checks import check_int
+from stableopt.gate import Gate
+from stableopt.grad_norms import all_finite, grad_stats, scale_
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
-from stableopt.rollback import Rollback
-from stableopt.spike import SpikeGuard
-from stableopt.stats import all_finite, grad_stats, scale_
+from stableopt.response import Response
+from stableopt.stages.base import ClipPolicy, Stage
+from stableopt.stages.emergency_clip import EmergencyClip
+from stableopt.stages.emergency_lr import EmergencyLR
+from stableopt.stages.lr_factor import scaled_lr
+from stableopt.stages.plateau import PlateauLR
+from stableopt.stages.registry import resolve_clip
+from stableopt.stages.rollback import Rollback
+from stableopt.stages.spike import SpikeGuard
+from stableopt.verdict import StepVerdict
+from stableopt.weight_check import WeightCheck
 
 __all__ = ["SafeOptimizer"]
 
 log = logging.getLogger(__name__)
-
-_WEIGHT_CHECKS = ("lazy", "every_step", "off")
-
-#: Device flags that are read for counting and events, not reasons to skip.
-_NOT_BAD = frozenset({"clipped", "emergency_clip"})
 
 _HOOK_DICTS = (
     "_optimizer_step_pre_hooks",
@@ -63,8 +60,18 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_post_hooks",
 )
 
+#: What each stage slot needs beyond the :class:`~stableopt.stages.base.Stage` members
+#: (name, observe, state_dict, load_state_dict): the members the pipeline uses.
+_STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
+    "emergency_clip": ("limit", "threshold", "skip_above"),
+    "spike": ("bound", "watches", "zscore", "clear", "cut_after", "rollback_after", "z_threshold"),
+    "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency", "is_exhausted"),
+    "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
+    "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
+}
 
-class SafeOptimizer(StepGate, StepResponse, Optimizer):
+
+class SafeOptimizer(Optimizer):
     """Wrap a torch optimizer so that no bad step reaches the weights.
 
     It is a :class:`torch.optim.Optimizer`: ``param_groups``, ``state`` and
@@ -78,18 +85,21 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
         clip: gradient clipping: a policy name (``"zscore"``, the default: ZClip;
             ``"percentile"``: AutoClip; ``"agc"``: unit-wise AGC), a positive number
             (a fixed max norm, identical to ``torch.nn.utils.clip_grad_norm_``), a
-            :class:`~stableopt.clipping.ClipPolicy`, or ``None`` (off).
+            clip policy (:class:`~stableopt.stages.base.ClipPolicy`: any object with
+            its members), or ``None`` (off).
         emergency_clip: on top of the clip policy, a total norm above 1000 clips to
             half the policy's threshold for a cool-down window
-            (:class:`~stableopt.emergency.EmergencyClip`). Acts only when ``clip`` is set.
+            (:class:`~stableopt.stages.emergency_clip.EmergencyClip`). Acts only when
+            ``clip`` is set.
         spike: skip steps whose loss or gradient norm is an outlier
-            (:class:`~stableopt.spike.SpikeGuard`), escalating to an LR cut and a rollback.
+            (:class:`~stableopt.stages.spike.SpikeGuard`), escalating to an LR cut and
+            a rollback.
         emergency_lr: cut the LR on non-finite values, explosions and repeated
-            spikes, and recover it gradually (:class:`~stableopt.lr.EmergencyLR`).
+            spikes, and recover it gradually (:class:`~stableopt.stages.emergency_lr.EmergencyLR`).
         plateau: lower the LR when the training loss stops improving
-            (:class:`~stableopt.lr.PlateauLR`; needs the loss).
+            (:class:`~stableopt.stages.plateau.PlateauLR`; needs the loss).
         rollback: snapshots that undo a step which left non-finite weights
-            (:class:`~stableopt.rollback.Rollback`; default every 100 good steps, in
+            (:class:`~stableopt.stages.rollback.Rollback`; default every 100 good steps, in
             host memory: 3x the parameter bytes for Adam/AdamW). With ``None`` a
             step that corrupts the weights raises :class:`DivergenceError` at once.
         max_consecutive_failures: raise :class:`DivergenceError` after this many
@@ -103,7 +113,9 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
             it is rolled back in the same step. ``"off"``: never.
         monitor: where counters and events are kept (default ``Monitor()``).
 
-    The string ``"default"`` for a stage means its class built with its defaults.
+    The string ``"default"`` for a stage means its class built with its defaults. A
+    stage is checked by its members, not its class: your own object plugs in where it
+    has the members of the stage it replaces (see ``docs/architecture.md``).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -129,7 +141,7 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
-        check_choice("check_weights", check_weights, _WEIGHT_CHECKS)
+        self.weight_check = WeightCheck(check_weights)
         if monitor is not None and not isinstance(monitor, Monitor):
             raise TypeError(f"monitor must be a Monitor or None, got {type(monitor).__name__}")
         # Deliberately not Optimizer.__init__: it would build param_groups of its own,
@@ -146,20 +158,32 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
         self.max_consecutive_failures = check_int(
             "max_consecutive_failures", max_consecutive_failures, minimum=1
         )
-        self.check_weights = check_weights
         self.monitor = monitor if monitor is not None else Monitor()
-        # The last step's numbers, as read to the host (no sync to report them).
-        self._last_grad_norm: float | None = None
-        self._last_threshold: float | None = None
+        self.gate = Gate(self.clip, self.emergency_clip, self.spike)
+        self.response = Response(
+            optimizer,
+            clip=self.clip,
+            emergency_clip=self.emergency_clip,
+            spike=self.spike,
+            emergency_lr=self.emergency_lr,
+            plateau=self.plateau,
+            rollback=self.rollback,
+            monitor=self.monitor,
+            max_consecutive_failures=self.max_consecutive_failures,
+            stats=self.stats,
+        )
+        #: What the last step decided (host values; ``None`` before the first step).
+        self.last_verdict: StepVerdict | None = None
         # Mutated, never rebound: wrappers that copy our __dict__ (Lightning's
         # LightningOptimizer) share this list, so observe_loss() through them reaches us.
         self._observed_losses: list[Tensor] = []
-        self._last_loss: float | None = None
-        self._spike_streak = 0
         self._said_no_loss = False
-        # This step's bounds on the norm and the loss: name -> (signal, bound in its dtype).
-        self._bounds: dict[str, tuple[str, float]] = {}
         self._init_hooks()
+
+    @property
+    def check_weights(self) -> str:
+        """When the weights are checked: ``"lazy"``, ``"every_step"`` or ``"off"``."""
+        return self.weight_check.mode
 
     # -- the inner optimizer's objects, never copies -------------------------------
 
@@ -225,86 +249,49 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.monitor.count("steps")
+        step = self.monitor.counters["steps"]
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         if self.rollback is not None and not self.rollback.has_snapshot:
             # The state before this step is good: it was verified after the last step.
-            self.rollback.take(self.optimizer, self.monitor.counters["steps"] - 1)
-
-        if self._decides_on_host(grads):
-            return self._host_step(loss, grads, params)
-        is_fused = self._takes_found_inf(len(params))
-        amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
+            self.rollback.take(self.optimizer, step - 1)
+        amp_scale, amp_found_inf = self._amp_inputs(grads)
         # The loss mean over ranks rides in the gradient norm's collective (one per step).
         stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
-        decision = self._clip_decision(stats, grads, params)
-        flags = self._device_flags(stats, decision, amp_found_inf)
-        numbers = self._numbers(stats, decision)
-        coefficient = decision.coefficient if decision is not None else None
-        if is_fused:
-            # The skip rides in found_inf: the update runs before anything is read.
-            self._run_inner(grads, flags["is_ok"], coefficient, is_fused, amp_scale)
-            if self.check_weights == "every_step":
-                flags["weights_ok"] = all_finite(params)
-            host, values = self._read(flags, numbers)  # the step's one read
-        else:
-            host, values = self._read(flags, numbers)  # the step's one read, before the update
-            if not host["is_ok"]:
-                return self._end_step(loss, host, values, ran=False)
-            if values.get("coefficient", 0.0) >= 1.0:
-                coefficient = None  # known now: a multiply by 1.0 changes no bit
-            self._run_inner(grads, None, coefficient, is_fused, amp_scale)
-            if self.check_weights == "every_step":
-                host |= self._read({"weights_ok": all_finite(params)}, {})[0]  # a second read
-        return self._end_step(loss, host, values, ran=True)
-
-    def _host_step(self, loss: Any, grads: list[Tensor], params: list[Tensor]) -> Any:
-        """The step when every gradient is on the CPU: decided in floats (no kernel to decide)."""
-        # Without found_inf the skip is a branch: the fused kernel's grad_scale still
-        # carries the clip coefficient and GradScaler's scale.
-        is_fused = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-        amp_scale, amp_found_inf = self._amp_inputs(grads, is_fused)
-        stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
-        host, values, coefficient = self._host_verdict(stats, amp_found_inf)
-        if not host["is_ok"]:
-            return self._end_step(loss, host, values, ran=False)
-        self._run_inner(grads, None, coefficient, is_fused, amp_scale)
-        if self.check_weights == "every_step":
-            host["weights_ok"] = bool(all_finite(params))
-        return self._end_step(loss, host, values, ran=True)
-
-    def _end_step(
-        self, loss: Any, host: dict[str, bool], values: dict[str, float], ran: bool
-    ) -> Any:
-        if ran:
-            self._observe(host, values)
-        self._finish(host, values, ran=ran)
+        clipped_in_place = self._clip_in_place(grads, params)
+        if self._decides_before_update(grads):
+            verdict, coefficient = self.gate.decide(step, stats, amp_found_inf, clipped_in_place)
+            if verdict.is_accepted:
+                self._update(grads, coefficient, amp_scale)
+        else:  # fused, off the CPU: the skip rides in found_inf, the read comes after
+            pending = self.gate.decide_on_device(stats, amp_found_inf, clipped_in_place)
+            self._update_fused(pending.is_ok, pending.coefficient, amp_scale)
+            checked = all_finite(params) if self.weight_check.after_every_update else None
+            verdict = self.gate.read(step, pending, checked)
+        verdict = self.weight_check.verify(
+            verdict, params, self._all_params(), self.response.is_snapshot_due()
+        )
+        self.last_verdict = verdict
+        self.response.respond(
+            verdict,
+            weights_corrupted_by_update=verdict.is_accepted
+            and self.weight_check.after_every_update,
+        )
         self.monitor.end_step(self.stats)
         return loss
 
-    @property
-    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
-        """True for a fused inner optimizer: GradScaler then hands us its scale (see ``step``).
+    # -- the stages of step(), in order ---------------------------------------------
 
-        GradScaler sets ``grad_scale`` (its scale, or ``None`` after ``unscale_``) and
-        ``found_inf`` on this object instead of unscaling and skipping itself; the
-        step folds its scale into the fused kernel's ``grad_scale`` together with our
-        clip coefficient, so the gradients are unscaled once, inside the kernel.
-        """
-        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-
-    def _amp_inputs(
-        self, grads: list[Tensor], is_fused: bool
-    ) -> tuple[Tensor | None, Tensor | None]:
+    def _amp_inputs(self, grads: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
         """GradScaler's ``grad_scale`` and ``found_inf`` for this step, if it set them.
 
-        The scale can ride into the fused kernel only with a total-norm clip policy;
-        otherwise (the first step of a fused optimizer, before it has state, or a
-        unit-wise policy that clips in place) the gradients are unscaled here, once.
+        A fused inner optimizer divides the gradients by the scale inside its kernel;
+        otherwise (and for a policy that clips in place, which needs the true
+        gradients) they are unscaled here, once.
         """
         amp_scale: Tensor | None = self.__dict__.get("grad_scale")
         amp_found_inf: Tensor | None = self.__dict__.get("found_inf")
-        if amp_scale is not None and (not is_fused or isinstance(self.clip, UnitwiseClip)):
+        if amp_scale is not None and (not self._is_fused or _clips_in_place(self.clip)):
             scale_(grads, amp_scale.double().reciprocal().float())
             amp_scale = None
         return amp_scale, amp_found_inf
@@ -327,48 +314,71 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
             self._said_no_loss = True
         return None
 
-    def _takes_found_inf(self, n_params_with_grad: int) -> bool:
+    def _clip_in_place(self, grads: list[Tensor], params: list[Tensor]) -> Tensor | None:
+        """A unit-wise policy rescales the gradients itself (before the verdict); its flag."""
+        if not grads or self.clip is None or not _clips_in_place(self.clip):
+            return None
+        flag: Tensor = self.clip.clip_in_place(grads, params)  # type: ignore[attr-defined]
+        return flag
+
+    #: Decide before the update when reading costs nothing (CPU gradients). The tests
+    #: turn it off to run the device path of fused optimizers on CPU tensors.
+    _cpu_reads_decide = True
+
+    def _decides_before_update(self, grads: list[Tensor]) -> bool:
+        """Read first and decide on the host, unless a fused optimizer can take the verdict
+        on the device (its kernel reads ``found_inf``) and reading would be a sync."""
         # Fused kernels skip the update when found_inf is set, but they create the
         # state of a parameter first; until every parameter has state, decide on the
         # host so that a bad first step leaves the state exactly as it was (empty).
-        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False)) and (
-            len(self.optimizer.state) >= n_params_with_grad
+        if not self._is_fused or len(self.optimizer.state) < len(grads):
+            return True
+        return self._cpu_reads_decide and all(
+            type(g) is Tensor and g.device.type == "cpu" for g in grads
         )
 
-    def _run_inner(
-        self,
-        grads: list[Tensor],
-        is_ok: Tensor | None,
-        coefficient: Tensor | None,
-        is_fused: bool,
-        amp_scale: Tensor | None,
+    @property
+    def _is_fused(self) -> bool:
+        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def _update(
+        self, grads: list[Tensor], coefficient: Tensor | None, amp_scale: Tensor | None
     ) -> None:
-        """The inner update, at our LR factor. ``is_ok`` (fused only): a device verdict
-        for ``found_inf``; ``None`` when the host already decided the update runs."""
-        with scaled_lr(self.param_groups, self.lr_factor, *self._lr_bounds()):
-            if not is_fused:
-                if coefficient is not None and grads:
-                    scale_(grads, coefficient)
+        """The inner update at our LR factor, the gradients multiplied by ``coefficient``.
+
+        Multiplying here (not dividing in a fused kernel's ``grad_scale``) gives
+        ``clip_grad_norm_``'s bits; GradScaler's scale (a power of two) still rides in
+        ``grad_scale``, and dividing by it is exact.
+        """
+        if coefficient is not None and grads:
+            scale_(grads, coefficient)
+        with scaled_lr(self.param_groups, self.response.lr_factor, *self.response.lr_bounds()):
+            if amp_scale is None:
                 self.optimizer.step()
             else:
-                self._fused_step(is_ok, coefficient, amp_scale)
+                self._fused_step(None, amp_scale)
 
-    def _fused_step(
-        self, is_ok: Tensor | None, coefficient: Tensor | None, amp_scale: Tensor | None
+    def _update_fused(
+        self, is_ok: Tensor, coefficient: Tensor | None, amp_scale: Tensor | None
     ) -> None:
+        """A fused update that takes the verdict on the device: the skip in ``found_inf``,
+        the clip coefficient in ``grad_scale`` (with GradScaler's scale, one divisor)."""
+        divisor = None if coefficient is None else coefficient.to(torch.float32).reciprocal()
+        if divisor is not None and amp_scale is not None:
+            divisor = amp_scale * divisor.to(amp_scale.device)
+        with scaled_lr(self.param_groups, self.response.lr_factor, *self.response.lr_bounds()):
+            self._fused_step(
+                (~is_ok).to(torch.float32), divisor if divisor is not None else amp_scale
+            )
+
+    def _fused_step(self, found_inf: Tensor | None, grad_scale: Tensor | None) -> None:
         # GradScaler's protocol: the fused kernel divides every gradient by
         # grad_scale and leaves weights and state alone when found_inf is non-zero.
-        # GradScaler's own scale and our clip coefficient compose into one divisor.
         inner: Any = self.optimizer
-        if is_ok is not None:
-            inner.found_inf = (~is_ok).to(torch.float32)
-        if coefficient is not None:
-            divisor = coefficient.to(torch.float32).reciprocal()
-            inner.grad_scale = (
-                divisor if amp_scale is None else amp_scale * divisor.to(amp_scale.device)
-            )
-        elif amp_scale is not None:
-            inner.grad_scale = amp_scale
+        if found_inf is not None:
+            inner.found_inf = found_inf
+        if grad_scale is not None:
+            inner.grad_scale = grad_scale
         try:
             self.optimizer.step()
         finally:
@@ -376,52 +386,70 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
                 if name in inner.__dict__:
                     delattr(inner, name)
 
-    def _observe(self, host: dict[str, bool], values: dict[str, float]) -> None:
-        """Histories take this step's numbers only if it was accepted (host values)."""
-        if not host["is_ok"]:
-            return
-        grad_norm, loss = values["grad_norm"], values.get("loss")
-        if self.clip is not None:
-            self.clip.observe(grad_norm, True)
-        if self.emergency_clip is not None:
-            self.emergency_clip.observe(grad_norm, True)
-        if self.spike is not None:
-            self.spike.observe(loss, grad_norm, True)
-        if self.plateau is not None and loss is not None:
-            self.plateau.observe(loss, True)
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
+        """True for a fused inner optimizer: GradScaler then hands us its scale (see ``step``).
+
+        GradScaler sets ``grad_scale`` (its scale, or ``None`` after ``unscale_``) and
+        ``found_inf`` on this object instead of unscaling and skipping itself; the
+        fused kernel then unscales the gradients once, inside it.
+        """
+        return self._is_fused
 
     # -- what it did ----------------------------------------------------------------
+
+    @property
+    def lr_factor(self) -> float:
+        """Our current LR multiplier: emergency factor x plateau factor (1.0 = none)."""
+        return self.response.lr_factor
+
+    def effective_lr(self) -> list[Any]:
+        """The LR each group's update uses: the scheduled ``group["lr"]`` times our factor.
+
+        ``group["lr"]`` itself always shows the scheduled LR (what your scheduler wrote).
+        """
+        return [self.response.effective_lr(group["lr"]) for group in self.param_groups]
 
     def stats(self) -> dict[str, Any]:
         """Counters and the latest numbers of the run (host values: reading them never syncs).
 
         Keys: ``steps`` (calls to ``step()``), ``good_steps``, ``skipped_steps``,
-        ``spike_skips``, ``rollbacks``, ``consecutive_failures``, ``total_clips``,
-        ``emergency_clips``, ``lr_changes``, ``emergency_mode`` (an emergency LR cut
-        is in force), ``lr_factor``, ``system_health`` (in [0, 1], see
-        :class:`~stableopt.monitor.Monitor`), ``grad_norm`` (the last pre-clip total
-        norm) and ``clip_threshold`` (the last max norm; ``None`` when clipping is off).
+        ``spike_skips``, ``scaler_skips``, ``rollbacks``, ``consecutive_failures``,
+        ``total_clips``, ``emergency_clips``, ``lr_changes``, ``emergency_mode`` (an
+        emergency LR cut is in force), ``lr_factor``, ``system_health`` (in [0, 1], see
+        :class:`~stableopt.monitor.Monitor`), ``loss`` (the last step's), ``grad_norm``
+        (the last pre-clip total norm) and ``clip_threshold`` (the last max norm;
+        ``None`` when clipping is off).
         """
         stats: dict[str, Any] = dict(self.monitor.counters)
         stats["emergency_mode"] = self.emergency_lr.in_emergency if self.emergency_lr else False
         stats["lr_factor"] = self.lr_factor
         stats["system_health"] = self.monitor.health
-        stats["loss"] = self._last_loss
-        stats["grad_norm"] = self._last_grad_norm
-        stats["clip_threshold"] = self._last_threshold
+        last = self.last_verdict
+        stats["loss"] = last.loss if last is not None else None
+        stats["grad_norm"] = last.grad_norm if last is not None else None
+        stats["clip_threshold"] = last.clip_threshold if last is not None else None
         return stats
 
     def events(self) -> list[Event]:
         """The recent interventions, oldest first."""
         return self.monitor.events()
 
-    def recommendations(self) -> list[Recommendation]:
-        """Plain-language advice from the counters and events, with the numbers behind it."""
-        return recommend.recommendations(self)
+    def recommendations(self, **thresholds: Any) -> list[Recommendation]:
+        """Plain-language advice from the counters and events, with the numbers behind it.
+
+        ``thresholds`` are those of :func:`stableopt.recommend.recommend` (e.g.
+        ``min_lr_cuts=1``). Reads ``stats()``, the events and every group's scheduled LR.
+        """
+        lrs = [float(group["lr"]) for group in self.param_groups]
+        return recommend.recommend(self.stats(), self.events(), lrs, **thresholds)
 
     # -- checkpoints ------------------------------------------------------------------
 
-    def _stages(self) -> dict[str, Any]:
+    def _stages(self) -> dict[str, Stage | None]:
         return {
             "clip": self.clip,
             "emergency_clip": self.emergency_clip,
@@ -442,14 +470,16 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         state_dict = dict(self.optimizer.state_dict())
+        last = self.last_verdict
         state_dict[checkpoint.STATE_KEY] = checkpoint.pack(
             self.optimizer,
             self._stages(),
             self.monitor,
             {
-                "spike_streak": self._spike_streak,
-                "last_grad_norm": self._last_grad_norm,
-                "last_threshold": self._last_threshold,
+                **self.response.state_dict(),
+                "last_grad_norm": last.grad_norm if last is not None else None,
+                "last_loss": last.loss if last is not None else None,
+                "last_threshold": last.clip_threshold if last is not None else None,
             },
         )
         for post_hook in self._optimizer_state_dict_post_hooks.values():
@@ -491,10 +521,9 @@ class SafeOptimizer(StepGate, StepResponse, Optimizer):
             if self.rollback is not None:
                 self.rollback.invalidate()
         else:
-            checkpoint.load_stages(ours, self.optimizer, self._stages(), self.monitor)
-            self._spike_streak = int(ours["spike_streak"])
-            self._last_grad_norm = _optional_float(ours["last_grad_norm"])
-            self._last_threshold = _optional_float(ours["last_threshold"])
+            checkpoint.load_stages(ours, self._stages(), self.monitor)
+            self.response.load_state_dict(ours)
+            self.last_verdict = checkpoint.last_verdict(ours, self.monitor.counters["steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -535,16 +564,32 @@ def _check_optimizer(optimizer: Any) -> None:
         raise TypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
 
 
-_Stage = TypeVar("_Stage")
-
-
-def _stage(name: str, value: Any, cls: type[_Stage]) -> _Stage | None:
-    """Resolve a stage argument: an instance, ``"default"`` (built with defaults) or ``None``."""
-    if value is None or isinstance(value, cls):
-        return value
+def _stage(name: str, value: Any, default: Callable[[], Any]) -> Any:
+    """Resolve a stage argument: ``"default"`` (built with its defaults), ``None``, or any
+    object with the members the pipeline uses (checked by member, not by class)."""
+    if value is None:
+        return None
     if isinstance(value, str) and value == "default":
-        return cls()
-    raise TypeError(f"{name} must be a {cls.__name__}, 'default' or None, got {value!r}")
+        return default()
+    members = ("name", "observe", "state_dict", "load_state_dict", *_STAGE_MEMBERS[name])
+    missing = [member for member in members if not hasattr(value, member)]
+    if isinstance(value, str) or missing:
+        what = (
+            f"{value!r}"
+            if isinstance(value, str)
+            else f"{type(value).__name__}, which has no {', '.join(missing)}"
+        )
+        kind = getattr(default, "__name__", name)
+        article = "an" if kind[:1] in "AEIOU" else "a"
+        raise TypeError(
+            f"{name} must be {article} {kind} (or an object with its members: "
+            f"{', '.join(members)}), 'default' or None; got {what}"
+        )
+    return value
+
+
+def _clips_in_place(clip: Any) -> bool:
+    return bool(getattr(clip, "clips_in_place", False))
 
 
 def _scalar_loss(loss: Tensor) -> Tensor:
@@ -553,8 +598,3 @@ def _scalar_loss(loss: Tensor) -> Tensor:
     if value.dtype != torch.float32:
         value = value.float()
     return value if value.dim() == 0 else value.mean()
-
-
-def _optional_float(value: Any) -> float | None:
-    """A number from a state dict (a float, or a 0-dim tensor in older ones), or ``None``."""
-    return None if value is None else float(value)

@@ -29,15 +29,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stableopt._checks import check_float, check_int
 from stableopt.monitor import Event
 
-if TYPE_CHECKING:
-    from stableopt.optimizer import SafeOptimizer
-
-__all__ = ["Recommendation", "format_recommendations", "recommend", "recommendations"]
+__all__ = ["Recommendation", "format_recommendations", "recommend"]
 
 _EXAMPLES = 5  # steps quoted per recommendation
 
@@ -60,16 +57,6 @@ class Recommendation:
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
-
-
-def recommendations(opt: SafeOptimizer, **thresholds: Any) -> list[Recommendation]:
-    """The advice for a :class:`~stableopt.SafeOptimizer`'s run so far (see :func:`recommend`).
-
-    Reads ``opt.stats()`` (which may sync the device once), ``opt.events()`` and
-    the scheduled LR of every parameter group.
-    """
-    lrs = [_to_float(group["lr"]) for group in opt.param_groups]
-    return recommend(opt.stats(), opt.events(), lrs, **thresholds)
 
 
 def recommend(
@@ -299,7 +286,3 @@ def _steps(events: Sequence[Event]) -> str:
     if len(steps) > _EXAMPLES:
         return ", ".join(steps[:_EXAMPLES]) + f", ... ({len(steps)} in all)"
     return ", ".join(steps) if steps else "not in the recent events"
-
-
-def _to_float(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)

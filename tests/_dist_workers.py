@@ -11,6 +11,7 @@ process group, so the test file pays the spawn and ``init_process_group`` cost t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import socket
 import time
@@ -27,7 +28,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from stableopt import PlateauLR, Rollback, SafeOptimizer
-from stableopt.stats import all_finite, grad_stats
+from stableopt.grad_norms import all_finite, grad_stats
+from stableopt.response import Response
+from stableopt.verdict import SkipReason, StepVerdict
 
 # -- launching --------------------------------------------------------------------------
 
@@ -141,25 +144,25 @@ def count_collectives(active: bool = True) -> Iterator[dict[str, int]]:
 def record_host_flags() -> Iterator[list[dict[str, Any]]]:
     """Every step's verdict as the host decides on it (flags and numbers), in order.
 
-    Recorded where every step ends, whichever way it was decided (in floats for
-    plain CPU gradients, on the device for sharded ones).
+    Recorded where every step's response starts, whichever way it was decided (in
+    floats for plain CPU gradients, on the device for sharded ones).
     """
     reads: list[dict[str, Any]] = []
-    finish = SafeOptimizer._finish
+    respond = Response.respond
 
-    def recording(
-        self: SafeOptimizer, host: dict[str, bool], values: dict[str, float], ran: bool
-    ) -> None:
+    def recording(self: Response, verdict: StepVerdict, **kwargs: Any) -> None:
+        record = dataclasses.asdict(verdict)
         # NaN as a string: the runs' records are compared with ==
-        numbers = {f"value/{k}": v if v == v else "nan" for k, v in values.items()}
-        reads.append({**host, **numbers})
-        finish(self, host, values, ran)
+        record = {k: "nan" if isinstance(v, float) and v != v else v for k, v in record.items()}
+        record["loss_spike"] = verdict.skip_reason is SkipReason.LOSS_SPIKE
+        reads.append(record)
+        respond(self, verdict, **kwargs)
 
-    SafeOptimizer._finish = recording  # type: ignore[method-assign]
+    Response.respond = recording  # type: ignore[method-assign]
     try:
         yield reads
     finally:
-        SafeOptimizer._finish = finish  # type: ignore[method-assign]
+        Response.respond = respond  # type: ignore[method-assign]
 
 
 def _stats(opt: SafeOptimizer) -> dict[str, Any]:
@@ -298,7 +301,7 @@ def _fsdp_norm(rank: int, world_size: int) -> dict[str, Any]:
     weights_after = all_finite(params)
     return {
         "norm": ours.grad_norm,
-        "is_finite": bool(ours.is_finite),
+        "is_finite": bool(torch.isfinite(ours.grad_norm)),
         "is_plain": type(ours.grad_norm) is torch.Tensor,
         "loss_mean": ours.loss,
         "local_loss": loss.detach(),
@@ -307,7 +310,7 @@ def _fsdp_norm(rank: int, world_size: int) -> dict[str, Any]:
         "weights_ok": bool(weights_ok),
         "stats_comms": stats_comms,
         "weight_comms": weight_comms,
-        "nan_is_finite": bool(nan_stats.is_finite),
+        "nan_is_finite": bool(torch.isfinite(nan_stats.grad_norm)),
         "weights_after_nan": bool(weights_after),
     }
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from stableopt import FixedClip, Rollback, SafeOptimizer
-from stableopt.emergency import EmergencyClip
+from stableopt.stages.emergency_clip import EmergencyClip
 from tests.helpers import backward, make_model, twin
 
 

@@ -180,7 +180,7 @@ def test_a_plain_optimizer_checkpoint_loads_with_fresh_counters() -> None:
         (lambda m: SafeOptimizer(torch.optim.AdamW(m.parameters()), clip=None), "clip is"),
         (
             lambda m: SafeOptimizer(torch.optim.AdamW(m.parameters()), clip=1.0, rollback=None),
-            "rollback is stableopt.rollback.Rollback in the state dict but off here",
+            "rollback is stableopt.stages.rollback.Rollback in the state dict but off here",
         ),
         (
             lambda m: SafeOptimizer(torch.optim.AdamW(list(m.parameters())[:2]), clip=1.0),

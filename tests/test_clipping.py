@@ -1,7 +1,7 @@
 """Adaptive clip policies, each against an independent reference.
 
 ZScoreClip against the authors' ``zclip`` package, PercentileClip against
-``numpy.percentile``, UnitwiseClip against the NFNets formula written out here.
+``numpy.percentile``, AGCClip against the NFNets formula written out here.
 """
 
 from __future__ import annotations
@@ -19,12 +19,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from stableopt import SafeOptimizer
-from stableopt.adaptive import PercentileClip, ZScoreClip
-from stableopt.agc import UnitwiseClip
-from stableopt.clipping import ClipPolicy, FixedClip, clip_coefficient, resolve_clip
-
-TRUE = torch.tensor(True)
-FALSE = torch.tensor(False)
+from stableopt.stages import AGCClip, ClipPolicy, FixedClip, PercentileClip, StepNumbers, ZScoreClip
+from stableopt.stages.clip import clip_coefficient
+from stableopt.stages.registry import resolve_clip
 
 
 def spiky_norms(steps: int, seed: int = 0) -> list[float]:
@@ -44,13 +41,28 @@ def spiky_norms(steps: int, seed: int = 0) -> list[float]:
     return [float(n) for n in norms]
 
 
-def run(policy: ClipPolicy, norms: list[float], dtype: torch.dtype = torch.float32) -> list[Tensor]:
-    """Drive ``policy`` as the pipeline does; return each step's threshold."""
+def run(policy: ClipPolicy, norms: list[float], dtype: torch.dtype = torch.float32) -> list[float]:
+    """Drive ``policy`` as the pipeline does; return each step's threshold.
+
+    Both ways of the one formula, with the same numbers: the norm as a float (the host
+    decides) and as a 0-dim ``dtype`` tensor (a fused optimizer on an accelerator). They
+    agree to an ulp or two in float64 (torch's lerp may fuse a multiply-add), and to
+    float32 rounding in float32.
+    """
     thresholds = []
     for norm in norms:
         grad_norm = torch.tensor(norm, dtype=dtype)
-        thresholds.append(policy.decide(grad_norm, [], []).threshold)
-        policy.observe(grad_norm, torch.tensor(math.isfinite(norm)))
+        on_host = policy.max_norm(float(grad_norm))
+        on_device = policy.max_norm(grad_norm)
+        assert isinstance(on_host, float)
+        if math.isinf(on_host):
+            assert float(on_device) == on_host
+        elif dtype == torch.float64:
+            assert float(on_device) == pytest.approx(on_host, rel=1e-15)
+        else:
+            assert float(on_device) == pytest.approx(on_host, rel=1e-6)
+        thresholds.append(on_host)
+        policy.observe(StepNumbers(float(grad_norm), is_accepted=math.isfinite(norm)))
     return thresholds
 
 
@@ -87,19 +99,17 @@ def test_zscore_matches_zclip(dtype: torch.dtype, rtol: float, kwargs: dict[str,
         # A one-element float64 gradient: zclip's total norm is exactly ``norm``.
         model.weight.grad = torch.tensor([norm], dtype=torch.float64)
         grad_norm = torch.tensor(norm, dtype=dtype)
-        decision = policy.decide(grad_norm, [], [])
+        (threshold,) = run(policy, [norm], dtype)  # both ways; observes the step too
         reference.step(model)
         clipped_reference = float(model.weight.grad[0])
-        assert decision.coefficient is not None
-        clipped_ours = float(grad_norm * decision.coefficient)
+        clipped_ours = float(grad_norm * clip_coefficient(threshold, grad_norm))
         assert clipped_ours == pytest.approx(clipped_reference, rel=rtol), step
         is_reference_clipped = clipped_reference < norm
         n_clipped += is_reference_clipped
         if is_reference_clipped:
-            assert float(decision.threshold) == pytest.approx(clipped_reference, rel=1e-5), step
+            assert threshold == pytest.approx(clipped_reference, rel=1e-5), step
         elif "max_norm" not in kwargs:
-            assert math.isinf(float(decision.threshold)), step
-        policy.observe(grad_norm, TRUE)
+            assert math.isinf(threshold), step
         if reference.initialized:
             state = policy.state_dict()
             assert float(state["mean"]) == pytest.approx(reference.mean, rel=rtol), step
@@ -154,7 +164,7 @@ def test_percentile_is_bounded() -> None:
         assert float(threshold) == pytest.approx(expected, rel=1e-12)
 
 
-# -- UnitwiseClip vs the NFNets formula ----------------------------------------------------
+# -- AGCClip vs the NFNets formula ----------------------------------------------------
 
 
 def agc_reference(param: Tensor, grad: Tensor, clip_factor: float, eps: float) -> Tensor:
@@ -191,11 +201,9 @@ def test_agc_matches_formula_and_skips_excluded(exclude: Any, excluded: set[int]
         exclude = [params[0], params[3]]
     grads = [p.grad for p in params if p.grad is not None]
     grads_before = [g.clone() for g in grads]
-    policy = UnitwiseClip(clip_factor=0.05, eps=1e-3, exclude=exclude)
-    decision = policy.decide(torch.tensor(1.0), grads, params)
-    assert decision.coefficient is None
-    assert math.isinf(float(decision.threshold))
-    assert bool(decision.is_clipped)
+    policy = AGCClip(clip_factor=0.05, eps=1e-3, exclude=exclude)
+    assert math.isinf(policy.max_norm(1.0))  # no total-norm limit
+    assert bool(policy.clip_in_place(grads, params))
     for i, (p, grad, before) in enumerate(zip(params, grads, grads_before)):
         assert p.grad is grad  # clipped in place
         if i in excluded:
@@ -211,8 +219,7 @@ def test_agc_leaves_small_grads_alone() -> None:
     grads = [torch.full(p.shape, 1e-9) for p in params]
     for p, grad in zip(params, grads):
         p.grad = grad
-    decision = UnitwiseClip(exclude=None).decide(torch.tensor(1.0), grads, params)
-    assert not bool(decision.is_clipped)
+    assert not bool(AGCClip(exclude=None).clip_in_place(grads, params))
     assert all(torch.equal(grad, torch.full(grad.shape, 1e-9)) for grad in grads)
 
 
@@ -245,17 +252,13 @@ def test_a_skipped_step_never_changes_the_history(
     for step, norm in enumerate(norms):
         if step in skips:
             before = noisy.state_dict()
-            grad_norm = torch.tensor(skips[step])
-            noisy.decide(grad_norm, [], [])
-            noisy.observe(grad_norm, FALSE)
+            noisy.max_norm(torch.tensor(skips[step]))
+            noisy.max_norm(skips[step])
+            noisy.observe(StepNumbers(skips[step], is_accepted=False))
             after = noisy.state_dict()
             # Exact, with NaN == NaN (the percentile ring buffer's empty slots).
             torch.testing.assert_close(after, before, rtol=0, atol=0, equal_nan=True)
-        grad_norm = torch.tensor(norm)
-        expected = clean.decide(grad_norm, [], []).threshold
-        assert torch.equal(noisy.decide(grad_norm, [], []).threshold, expected)
-        clean.observe(grad_norm, TRUE)
-        noisy.observe(grad_norm, TRUE)
+        assert run(noisy, [norm]) == run(clean, [norm])
 
 
 # -- checkpoints ----------------------------------------------------------------------------
@@ -275,7 +278,7 @@ def test_state_dict_round_trip_is_bit_identical(make: Callable[[], ClipPolicy]) 
     second = make()
     second.load_state_dict(state)
     resumed += run(second, norms[23:])
-    assert all(torch.equal(a, b) for a, b in zip(uninterrupted, resumed))
+    assert uninterrupted == resumed
 
 
 def test_state_dict_from_other_settings_is_rejected() -> None:
@@ -289,13 +292,15 @@ def test_state_dict_from_other_settings_is_rejected() -> None:
 # -- no host sync in the hot path -----------------------------------------------------------
 
 
-def test_decide_and_observe_never_read_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_device_decisions_and_observe_never_read_the_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     params = agc_params()
     grads = [p.grad for p in params if p.grad is not None]
     policies: list[ClipPolicy] = [
         ZScoreClip(warmup_steps=2, max_norm=9.0),
         PercentileClip(window_steps=3),
-        UnitwiseClip(),
+        AGCClip(),
     ]
 
     def sync(*args: object) -> None:
@@ -305,10 +310,11 @@ def test_decide_and_observe_never_read_the_device(monkeypatch: pytest.MonkeyPatc
         monkeypatch.setattr(torch.Tensor, name, sync)
     for policy in policies:
         for norm in [1.0, 1.2, 0.9, 100.0, math.nan]:
-            grad_norm = torch.tensor(norm)
-            policy.decide(grad_norm, grads, params)
+            policy.max_norm(torch.tensor(norm))
+            if getattr(policy, "clips_in_place", False):
+                policy.clip_in_place(grads, params)  # type: ignore[attr-defined]
             # the pipeline hands observe() the host numbers of its one read
-            policy.observe(norm, math.isfinite(norm))
+            policy.observe(StepNumbers(norm, is_accepted=math.isfinite(norm)))
 
 
 # -- bad input --------------------------------------------------------------------------------
@@ -333,9 +339,9 @@ def test_decide_and_observe_never_read_the_device(monkeypatch: pytest.MonkeyPatc
         (lambda: ZScoreClip(clip_factor=-1.0), "clip_factor"),
         (lambda: ZScoreClip(eps=0.0), "eps"),
         (lambda: ZScoreClip(max_norm=math.nan), "max_norm"),
-        (lambda: UnitwiseClip(clip_factor=-0.01), "clip_factor"),
-        (lambda: UnitwiseClip(eps=-1e-3), "eps"),
-        (lambda: UnitwiseClip(exclude="head"), "exclude"),  # type: ignore[arg-type]
+        (lambda: AGCClip(clip_factor=-0.01), "clip_factor"),
+        (lambda: AGCClip(eps=-1e-3), "eps"),
+        (lambda: AGCClip(exclude="head"), "exclude"),  # type: ignore[arg-type]
     ],
 )
 def test_bad_values_raise_value_error_naming_the_argument(
@@ -353,9 +359,9 @@ def test_bad_values_raise_value_error_naming_the_argument(
         (lambda: PercentileClip(window_steps=10.0), "window_steps"),  # type: ignore[arg-type]
         (lambda: ZScoreClip(warmup_steps=True), "warmup_steps"),
         (lambda: ZScoreClip(max_norm="1"), "max_norm"),  # type: ignore[arg-type]
-        (lambda: UnitwiseClip(clip_factor=None), "clip_factor"),  # type: ignore[arg-type]
-        (lambda: UnitwiseClip(exclude=3), "exclude"),  # type: ignore[arg-type]
-        (lambda: UnitwiseClip(exclude=[torch.zeros(1), "bias"]), "exclude"),  # type: ignore[list-item]
+        (lambda: AGCClip(clip_factor=None), "clip_factor"),  # type: ignore[arg-type]
+        (lambda: AGCClip(exclude=3), "exclude"),  # type: ignore[arg-type]
+        (lambda: AGCClip(exclude=[torch.zeros(1), "bias"]), "exclude"),  # type: ignore[list-item]
     ],
 )
 def test_bad_types_raise_type_error_naming_the_argument(
@@ -368,7 +374,7 @@ def test_bad_types_raise_type_error_naming_the_argument(
 def test_names_resolve_to_policies() -> None:
     assert isinstance(resolve_clip("zscore"), ZScoreClip)
     assert isinstance(resolve_clip("percentile"), PercentileClip)
-    assert isinstance(resolve_clip("agc"), UnitwiseClip)
+    assert isinstance(resolve_clip("agc"), AGCClip)
     assert isinstance(resolve_clip(1.0), FixedClip)
     assert float(clip_coefficient(1.0, torch.tensor(4.0))) == pytest.approx(0.25, rel=1e-6)
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from stableopt import SafeOptimizer
-from stableopt.emergency import EmergencyClip
+from stableopt.stages.base import StepNumbers
+from stableopt.stages.emergency_clip import EmergencyClip
 from tests.helpers import backward, batch, make_model
 
 # Every test runs with the step decided on the host and on the device (conftest.py).
@@ -104,8 +105,7 @@ def test_skip_above_skips_garbage_norms() -> None:
 
 def test_emergency_state_resumes() -> None:
     emergency = EmergencyClip(cooldown_steps=5)
-    norm = torch.tensor(5e3)
-    emergency.observe(norm, torch.tensor(True))
+    emergency.observe(StepNumbers(5e3))
     restored = EmergencyClip(cooldown_steps=5)
     restored.load_state_dict(emergency.state_dict())
     assert restored.state_dict() == {"cooldown_left": 5}

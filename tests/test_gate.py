@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from stableopt import EmergencyClip, PlateauLR, SafeOptimizer, SpikeGuard
-from stableopt._gate import StepGate
+from stableopt.optimizer import SafeOptimizer as _Safe
 from tests.helpers import backward, make_model
 
 # step -> fault: NaN gradients, an Inf loss, a 1e4x gradient (clipped, emergency),
@@ -45,7 +45,7 @@ INNER = {
 
 
 def _run(inner: str, clip: str, on_host: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
-    monkeypatch.setattr(StepGate, "_host_decisions", on_host)
+    monkeypatch.setattr(_Safe, "_cpu_reads_decide", on_host)
     model = make_model()
     opt = SafeOptimizer(
         INNER[inner](model.parameters()),
@@ -102,12 +102,21 @@ def test_host_and_device_decide_alike(
     assert any(kind == "lr_cut" for _, kind in host["events"])
 
 
-def test_cpu_gradients_decide_on_the_host_and_sharded_ones_do_not() -> None:
+def test_only_a_fused_optimizer_off_the_cpu_decides_on_the_device() -> None:
     model = nn.Linear(4, 2)
-    opt = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
     grads = [torch.zeros(2, 4), torch.zeros(2)]
-    assert opt._decides_on_host(grads)
-    agc = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), clip="agc")
-    assert not agc._decides_on_host(grads)  # a unit-wise clip works on the tensors
-    meta = [torch.zeros(2, 4, device="meta")]
-    assert not opt._decides_on_host(meta)
+    meta = [torch.zeros(2, 4, device="meta"), torch.zeros(2, device="meta")]
+    plain = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1))
+    # a non-fused update waits for the verdict: read first, wherever the gradients are
+    assert plain._decides_before_update(grads) and plain._decides_before_update(meta)
+    fused = SafeOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True))
+    assert fused._decides_before_update(meta)  # no state yet: a skip must leave it empty
+    backward_linear(model)
+    fused.step()
+    assert len(fused.optimizer.state) == 2
+    assert fused._decides_before_update(grads)  # reading a CPU number is not a sync
+    assert not fused._decides_before_update(meta)  # elsewhere: found_inf, read after
+
+
+def backward_linear(model: nn.Module) -> None:
+    model(torch.randn(3, 4)).square().mean().backward()

@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 from torch.optim import lr_scheduler as lrs
 
 from stableopt import DivergenceError, EmergencyLR, PlateauLR, Rollback, SafeOptimizer, SpikeGuard
-from stableopt.lr import effective_lr
+from stableopt.stages.lr_factor import effective_lr
 from tests.helpers import backward, batch, make_model, scale_grads, set_first_grad, twin
 
 # Every test runs with the step decided on the host and on the device (conftest.py).

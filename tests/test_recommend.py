@@ -17,7 +17,6 @@ from stableopt.recommend import (
     Recommendation,
     format_recommendations,
     recommend,
-    recommendations,
 )
 from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 
@@ -79,7 +78,7 @@ def kinds(advice: list[Recommendation]) -> set[str]:
 def test_healthy_run_gives_no_recommendation() -> None:
     opt = train(200)
     assert opt.stats()["skipped_steps"] == 0  # the premise: nothing fired
-    assert recommendations(opt) == []
+    assert opt.recommendations() == []
     assert format_recommendations([]).startswith("No recommendations")
 
 
@@ -88,7 +87,7 @@ def test_repeated_explosions_recommend_a_lower_lr_with_the_cut_that_worked() -> 
     opt = train(
         150, {50: "grad_spike", 100: "grad_spike"}, emergency_lr=EmergencyLR(min_triggers=1)
     )
-    advice = {a.kind: a for a in recommendations(opt)}
+    advice = {a.kind: a for a in opt.recommendations()}
     lower = advice["lower_lr"]
     cuts = [e for e in opt.events() if e.kind == "lr_cut"]
     deepest = min(e.data["new_factor"] for e in cuts)
@@ -103,14 +102,14 @@ def test_repeated_explosions_recommend_a_lower_lr_with_the_cut_that_worked() -> 
 
 def test_a_single_cut_is_not_repeated() -> None:
     opt = train(100, {50: "grad_spike"}, emergency_lr=EmergencyLR(min_triggers=1))
-    assert "lower_lr" not in kinds(recommendations(opt))
-    assert "lower_lr" in kinds(recommendations(opt, min_lr_cuts=1))
+    assert "lower_lr" not in kinds(opt.recommendations())
+    assert "lower_lr" in kinds(opt.recommendations(min_lr_cuts=1))
 
 
 def test_clipping_most_steps_recommends_checking_the_model() -> None:
     opt = train(60, clip=0.01)  # a threshold far below the MLP's gradient norms
     stats = opt.stats()
-    clipping = {a.kind: a for a in recommendations(opt)}["clipping"]
+    clipping = {a.kind: a for a in opt.recommendations()}["clipping"]
     assert clipping.evidence["total_clips"] == stats["total_clips"] == 60
     assert clipping.evidence["clip_rate"] == pytest.approx(
         stats["total_clips"] / stats["good_steps"]
@@ -121,7 +120,7 @@ def test_clipping_most_steps_recommends_checking_the_model() -> None:
 
 def test_non_finite_values_recommend_checking_the_data() -> None:
     opt = train(120, {50: "nan_grad", 90: "inf_loss"})
-    advice = {a.kind: a for a in recommendations(opt)}["non_finite"]
+    advice = {a.kind: a for a in opt.recommendations()}["non_finite"]
     assert advice.evidence["non_finite_skips"] == 2
     assert advice.evidence["nonfinite_losses"] == opt.stats()["nonfinite_losses"] == 1
     assert advice.evidence["skipped_steps"] == opt.stats()["skipped_steps"]
@@ -132,7 +131,7 @@ def test_non_finite_values_recommend_checking_the_data() -> None:
 def test_size_mismatches_recommend_checking_the_input_pipeline() -> None:
     opt = train(60, mismatch_steps=[10, 20, 30])
     assert opt.stats()["size_mismatches"] == 3  # counted by SafeLoss
-    advice = recommendations(opt)
+    advice = opt.recommendations()
     assert kinds(advice) == {"size_mismatch"}
     assert advice[0].evidence == {"size_mismatches": 3.0, "steps": 60.0}
     assert "input pipeline" in advice[0].message
@@ -145,7 +144,7 @@ def test_no_size_mismatch_counter_is_no_mismatch() -> None:
 
 def test_rollbacks_are_explained_with_the_steps_lost() -> None:
     opt = train(150, {120: "nan_weights"})
-    rollback = {a.kind: a for a in recommendations(opt)}["rollback"]
+    rollback = {a.kind: a for a in opt.recommendations()}["rollback"]
     (event,) = [e for e in opt.events() if e.kind == "rollback"]
     assert rollback.evidence["rollbacks"] == opt.stats()["rollbacks"] == 1
     assert rollback.evidence["steps_lost"] == event.step - event.data["snapshot_step"]
@@ -154,7 +153,7 @@ def test_rollbacks_are_explained_with_the_steps_lost() -> None:
 
 def test_repeated_spikes_recommend_looking_at_the_batches() -> None:
     opt = train(120, {60: "poison_batch", 61: "poison_batch", 100: "poison_batch"})
-    spikes = {a.kind: a for a in recommendations(opt)}["spikes"]
+    spikes = {a.kind: a for a in opt.recommendations()}["spikes"]
     assert spikes.evidence["spike_skips"] == opt.stats()["spike_skips"] >= 3
     assert "60, 61, 100" in spikes.message
 
@@ -162,7 +161,7 @@ def test_repeated_spikes_recommend_looking_at_the_batches() -> None:
 def test_plateau_reductions_are_reported_with_the_effective_lr() -> None:
     plateau = PlateauLR(patience_steps=20, check_every_steps=10, cooldown_steps=10)
     opt = train(100, plateau=plateau)
-    advice = {a.kind: a for a in recommendations(opt)}["plateau"]
+    advice = {a.kind: a for a in opt.recommendations()}["plateau"]
     reductions = [e for e in opt.events() if e.kind == "plateau"]
     assert advice.evidence["plateau_reductions"] == len(reductions) >= 1
     assert advice.evidence["lr_factor"] == opt.stats()["lr_factor"] == 0.5 ** len(reductions)

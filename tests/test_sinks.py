@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from stableopt.lr import EmergencyLR
 from stableopt.monitor import Event
 from stableopt.sinks import (
     DEFAULT_NOTIFY_KINDS,
@@ -32,6 +31,7 @@ from stableopt.sinks import (
     default_sinks,
     metric_values,
 )
+from stableopt.stages.emergency_lr import EmergencyLR
 from tests.test_recommend import one_thread, train  # noqa: F401  (one_thread: autouse fixture)
 
 FAULTS: dict[int, Any] = {25: "nan_grad", 45: "grad_spike", 70: "nan_weights"}

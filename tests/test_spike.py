@@ -25,7 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard
+from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard, StepNumbers
+from stableopt.gate import Gate
 from stableopt.testing.faults import RegressionTask
 from tests.helpers import (
     OPTIMIZERS,
@@ -219,18 +220,22 @@ MUST: dict[str, dict[int, bool]] = {
 
 
 def drive_guard(guard: SpikeGuard, steps: Sequence[dict[str, float]]) -> list[dict[str, bool]]:
-    """Feed a SpikeGuard directly with tensors, accepting a step as SafeOptimizer does."""
+    """Feed a SpikeGuard as the pipeline does: each watched value against the bound the gate
+    takes from it (rounded to float32, the values' dtype), then the accepted step observed."""
+    gate = Gate(None, None, guard)
     decisions = []
     for values in steps:
-        loss = torch.tensor(values["loss"]) if "loss" in values else None
-        grad_norm = torch.tensor(values.get("grad_norm", 1.0))
-        flags = guard.check(loss, grad_norm)
-        is_finite = torch.tensor(all(math.isfinite(v) for v in values.values()))
-        is_spike = torch.zeros((), dtype=torch.bool)
-        for flag in flags.values():
-            is_spike = is_spike | flag
-        guard.observe(loss, grad_norm, is_finite & ~is_spike)
-        decisions.append({name.removesuffix("_spike"): bool(f) for name, f in flags.items()})
+        loss = values.get("loss")
+        grad_norm = values.get("grad_norm", 1.0)
+        bounds = {b.signal: b.value for b in gate.bounds(torch.float32, torch.float32)}
+        flags = {}
+        for signal, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is not None and guard.watches(signal):
+                bound = bounds.get(signal)
+                flags[signal] = bound is not None and math.isfinite(value) and value > bound
+        is_finite = all(math.isfinite(v) for v in values.values())
+        guard.observe(StepNumbers(grad_norm, loss, is_finite and not any(flags.values())))
+        decisions.append(flags)
     return decisions
 
 
@@ -280,9 +285,10 @@ def test_both_signals_together_equal_the_reference() -> None:
     # the z-scores too, not only the decisions
     guard = SpikeGuard(window_steps=32, min_history=16)
     for values, verdict in zip(steps, expected):
-        drive_guard(guard, [values])
         if math.isfinite(verdict.z["loss"]):
-            assert float(guard.last_loss_z) == pytest.approx(verdict.z["loss"], rel=1e-5)  # type: ignore[arg-type]
+            z = guard.zscore("loss", values["loss"])
+            assert z == pytest.approx(verdict.z["loss"], rel=1e-5)
+        drive_guard(guard, [values])
 
 
 def test_even_window_uses_the_lower_median() -> None:
@@ -290,8 +296,8 @@ def test_even_window_uses_the_lower_median() -> None:
     with the mean of the middle values (numpy: median 2.5, MAD 1) z would be 5.67."""
     guard = SpikeGuard(window_steps=8, min_history=4, watch_grad_norm=False)
     drive_guard(guard, [{"loss": v} for v in (1.0, 2.0, 3.0, 4.0)])
+    assert guard.zscore("loss", 10.9) == pytest.approx((10.9 - 2.0) / 1.4826, rel=1e-6)
     assert drive_guard(guard, [{"loss": 10.9}]) == [{"loss": True}]
-    assert float(guard.last_loss_z) == pytest.approx((10.9 - 2.0) / 1.4826, rel=1e-6)  # type: ignore[arg-type]
     assert (10.9 - np.median([1, 2, 3, 4])) / 1.4826 < 6.0
 
 
@@ -776,7 +782,7 @@ def test_defaults_and_repr() -> None:
 
 def test_the_windows_mad_equals_a_sorted_reference() -> None:
     """The O(log n) MAD selection against sorting every deviation (numpy), windows with ties."""
-    from stableopt.spike import _lower_median_deviation
+    from stableopt.stages.spike import _lower_median_deviation
 
     rng = np.random.default_rng(7)
     for _ in range(2000):

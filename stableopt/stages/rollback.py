@@ -20,6 +20,7 @@ together (its flags are global), so the shards always belong to the same step.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stableopt._checks import check_choice, check_int
+from stableopt.stages.base import StepNumbers
 
 __all__ = ["Rollback"]
 
@@ -49,6 +51,8 @@ class Rollback:
             rollback after resuming lands on exactly the snapshot an
             uninterrupted run would use.
     """
+
+    name = "rollback"
 
     def __init__(
         self, every_steps: int = 100, device: str = "cpu", in_state_dict: bool = False
@@ -161,30 +165,26 @@ class Rollback:
             ]
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any], optimizer: Optimizer) -> None:
-        """Restore the snapshot if the state dict carries one; otherwise forget the old one."""
+    def observe(self, numbers: StepNumbers) -> None:
+        """Nothing to take: the pipeline decides when to :meth:`take` and :meth:`restore`."""
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore the snapshot if the state dict carries one; otherwise forget the old one.
+
+        The saved tensors stay on the CPU until a restore copies them into the live
+        parameters and state (a snapshot of another parameter set is refused then).
+        """
         self.invalidate()
         if "params" not in state_dict:
             return
-        params = _all_params(optimizer)
-        if len(state_dict["params"]) != len(params):
-            raise ValueError(
-                f"the rollback snapshot holds {len(state_dict['params'])} parameters, "
-                f"the optimizer has {len(params)}"
-            )
-        self._params = [
-            self._copy_into(None, t.to(p.device)) for t, p in zip(state_dict["params"], params)
-        ]
+        self._params = [self._copy_into(None, t) for t in state_dict["params"]]
         self._state = [
             None
             if s is None
             else {
                 k: (
-                    _SavedTensor(
-                        self._copy_into(None, v["tensor"].to(v["device"])),
-                        torch.device(v["device"]),
-                    )
-                    if isinstance(v, dict) and "tensor" in v
+                    _SavedTensor(self._copy_into(None, v["tensor"]), torch.device(v["device"]))
+                    if isinstance(v, Mapping) and "tensor" in v
                     else v
                 )
                 for k, v in s.items()

@@ -1,8 +1,8 @@
 """Unit-wise adaptive gradient clipping (AGC), the clip policy of NFNets.
 
-Unlike the total-norm policies of :mod:`stableopt.clipping`, AGC rescales each
-output unit's gradient on its own, so it clips the gradients in place inside
-:meth:`UnitwiseClip.decide` and hands the pipeline no coefficient.
+Unlike the total-norm policies of :mod:`stableopt.stages.clip`, AGC rescales each
+output unit's gradient on its own, so it clips the gradients in place
+(:meth:`AGCClip.clip_in_place`) and sets no total-norm limit.
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from torch import Tensor
 from torch.utils._foreach_utils import _has_foreach_support
 
 from stableopt._checks import check_float
-from stableopt.clipping import ClipDecision, ClipPolicy
+from stableopt._num import Num
+from stableopt.stages.base import ClipPolicy
 
-__all__ = ["UnitwiseClip", "unitwise_norm"]
+__all__ = ["AGCClip", "unitwise_norm"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def unitwise_norm(stacked: Tensor, unit_ndim: int) -> Tensor:
     return norms.view(k, stacked.shape[1], *([1] * (unit_ndim - 1)))
 
 
-class UnitwiseClip(ClipPolicy):
+class AGCClip(ClipPolicy):
     """AGC: clip each unit's gradient to a fraction of its weights' norm.
 
     Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition
@@ -56,9 +57,9 @@ class UnitwiseClip(ClipPolicy):
         max_i = clip_factor * max(||W_i||, eps)
         G_i  <- G_i * max_i / max(||G_i||, 1e-6)    where ||G_i|| >= max_i, else unchanged
 
-    The gradients are scaled in place in :meth:`decide`, which returns
-    ``coefficient=None`` and ``threshold=inf``; ``is_clipped`` is true when any unit
-    was over its limit. There is no history and no host sync.
+    The gradients are scaled in place in :meth:`clip_in_place`, which returns
+    whether any unit was over its limit (a 0-dim bool tensor); :meth:`max_norm` is
+    ``inf`` (no total-norm limit). There is no history and no host sync.
 
     The paper does not clip the final (classifier) layer. With
     ``exclude="final_layer"`` the heuristic is: among the parameters with gradients,
@@ -85,6 +86,9 @@ class UnitwiseClip(ClipPolicy):
             tensors (or one tensor), ``"final_layer"`` (default: the heuristic
             above) or ``None`` (clip every parameter).
     """
+
+    name = "agc"
+    clips_in_place = True
 
     def __init__(
         self,
@@ -121,13 +125,14 @@ class UnitwiseClip(ClipPolicy):
         # The grouping of the last parameter list seen: (ids of the params, index groups).
         self._plan: tuple[tuple[int, ...], list[list[int]]] | None = None
 
-    def max_norm(self, grad_norm: Tensor | float) -> float:
-        """No total-norm limit: ``inf`` (the clipping is unit-wise, in :meth:`decide`)."""
+    def max_norm(self, grad_norm: Num) -> float:
+        """No total-norm limit: ``inf`` (the clipping is unit-wise, in :meth:`clip_in_place`)."""
         return math.inf
 
     @torch.no_grad()
-    def decide(self, grad_norm: Tensor, grads: list[Tensor], params: list[Tensor]) -> ClipDecision:
-        """Clip ``grads`` in place unit by unit; return no coefficient and an infinite threshold."""
+    def clip_in_place(self, grads: list[Tensor], params: list[Tensor]) -> Tensor:
+        """Clip ``grads`` in place unit by unit; return whether any unit was over its limit."""
+        device = grads[0].device if grads else torch.device("cpu")
         is_over: list[Tensor] = []
         for indices in self._groups(params):
             group_params = [params[i].detach() for i in indices]
@@ -140,14 +145,10 @@ class UnitwiseClip(ClipPolicy):
             # Scale by exactly 1 where under the limit: those units keep their bits.
             factors = torch.where(grad_norms < max_norms, 1.0, ratio)
             _mul_(group_grads, list(factors.unbind(0)))
-            is_over.append((grad_norms > max_norms).any().to(grad_norm.device))
-        is_clipped = (
-            torch.stack(is_over).any()
-            if is_over
-            else torch.zeros((), dtype=torch.bool, device=grad_norm.device)
-        )
-        threshold = torch.full_like(grad_norm, math.inf)
-        return ClipDecision(None, threshold, is_clipped)
+            is_over.append((grad_norms > max_norms).any().to(device))
+        if not is_over:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return torch.stack(is_over).any()
 
     def _groups(self, params: list[Tensor]) -> list[list[int]]:
         """Indices of the clipped parameters, grouped by (shape, dtype, device); cached."""
@@ -161,7 +162,7 @@ class UnitwiseClip(ClipPolicy):
                 groups.setdefault((tuple(p.shape), p.dtype, p.device), []).append(i)
         self._plan = (key, list(groups.values()))
         log.debug(
-            "UnitwiseClip: %d of %d parameters clipped in %d shape groups",
+            "AGCClip: %d of %d parameters clipped in %d shape groups",
             sum(map(len, groups.values())),
             len(params),
             len(groups),
@@ -187,9 +188,7 @@ class UnitwiseClip(ClipPolicy):
             exclude = repr(_FINAL_LAYER)
         else:
             exclude = f"<{len(self.exclude)} tensors>" if self.exclude else "None"
-        return (
-            f"UnitwiseClip(clip_factor={self.clip_factor:g}, eps={self.eps:g}, exclude={exclude})"
-        )
+        return f"AGCClip(clip_factor={self.clip_factor:g}, eps={self.eps:g}, exclude={exclude})"
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:

@@ -1,8 +1,8 @@
-"""Gradient and weight statistics in multi-tensor (foreach) kernels.
+"""Gradient norms, weight checks and scaling in multi-tensor (foreach) kernels.
 
 Every number the pipeline decides on is computed here, so this is the one place
 where a reduction over shards or ranks belongs. The arithmetic of
-:func:`total_norm` and :func:`scale_` is the same as
+:func:`grad_stats` and :func:`scale_` is the same as
 ``torch.nn.utils.clip_grad_norm_`` (per device and dtype ``_foreach_norm``, a
 stacked vector norm, one ``_foreach_mul_``), so a fixed clip through stableopt is
 bit-identical to it.
@@ -41,15 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-__all__ = [
-    "GradStats",
-    "all_finite",
-    "grad_stats",
-    "read_host",
-    "reduce_across_ranks",
-    "scale_",
-    "total_norm",
-]
+__all__ = ["GradStats", "all_finite", "grad_stats", "read_host", "scale_"]
 
 #: Reduce over all ranks of the default process group.
 _WORLD = "world"
@@ -67,16 +59,6 @@ class GradStats:
 
     grad_norm: Tensor
     loss: Tensor | None = None
-
-    @property
-    def is_finite(self) -> Tensor:
-        """``True`` when every gradient value is finite (a kernel, run when asked).
-
-        Derived from the norm (a NaN or Inf anywhere makes the norm non-finite), so it
-        costs no extra pass; a finite gradient whose norm overflows the dtype also
-        counts as non-finite.
-        """
-        return torch.isfinite(self.grad_norm)
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:
@@ -217,16 +199,6 @@ def _norm_and_sum(
 
 
 @torch.no_grad()
-def total_norm(tensors: list[Tensor], device: torch.device | None = None) -> Tensor:
-    """Total L2 norm of ``tensors``, computed exactly as ``clip_grad_norm_`` does.
-
-    DTensor shards are reduced across ranks (see the module docstring): the result
-    is the global norm, a plain tensor, the same on every rank.
-    """
-    return _norm_and_sum(tensors, None, device)[0]
-
-
-@torch.no_grad()
 def grad_stats(
     grads: list[Tensor], scale: Tensor | None = None, loss: Tensor | None = None
 ) -> GradStats:
@@ -236,7 +208,7 @@ def grad_stats(
     divided by it, so policies see the unscaled norm without a pass to unscale.
     ``loss`` is this rank's loss (a 0-dim tensor); :attr:`GradStats.loss` is its mean
     over all ranks, reduced in the same ``all_reduce`` as the sharded gradients'
-    norm (:func:`reduce_across_ranks` without a second collective).
+    norm (no second collective).
     """
     local_loss = None
     if loss is not None:
@@ -278,20 +250,6 @@ def all_finite(tensors: list[Tensor]) -> Tensor:
         key = tuple(groups.values())
     (bad,) = _sum_over_ranks([(key, (~is_finite).to(torch.float32))])
     return bad == 0
-
-
-def reduce_across_ranks(value: Tensor) -> Tensor:
-    """Mean of ``value`` over all ranks of the default process group (identity without one).
-
-    Every decision that reads a per-rank number (the loss: each rank sees its own
-    batch) reads it through here, or through ``grad_stats(..., loss=...)``, which
-    folds the same mean into the gradient norm's collective.
-    """
-    world_size = _world_size()
-    if world_size == 1:
-        return value
-    (total,) = _sum_over_ranks([(_WORLD, value.detach().clone())])
-    return total / world_size
 
 
 @torch.no_grad()

@@ -42,12 +42,14 @@ from __future__ import annotations
 import bisect
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 from torch import Tensor
 
 from stableopt._checks import check_float, check_int
-from stableopt._host import as_bool, as_float, false_like, from_ring, to_ring
+from stableopt.stages._rings import from_ring, to_ring
+from stableopt.stages.base import StepNumbers
 
 __all__ = ["SpikeGuard"]
 
@@ -170,6 +172,8 @@ class SpikeGuard:
         rollback_after: consecutive spike skips that trigger a rollback (default 6, ``> cut_after``).
     """
 
+    name = "spike"
+
     def __init__(
         self,
         window_steps: int = 128,
@@ -206,8 +210,6 @@ class SpikeGuard:
         )
         self._loss = _RobustWindow(self.window_steps)
         self._grad_norm = _RobustWindow(self.window_steps)
-        # what check() compared, for the z-score of an event: (value, median, scale)
-        self._checked: dict[str, tuple[Tensor, float, float]] = {}
 
     def bound(self, signal: str) -> float | None:
         """The value above which ``signal`` (``"loss"`` or ``"grad_norm"``) is a spike now,
@@ -219,67 +221,13 @@ class SpikeGuard:
             return self.early_ratio * median
         return None
 
-    def check(self, loss: Tensor | None, grad_norm: Tensor) -> dict[str, Tensor]:
-        """Device flags ``loss_spike`` / ``grad_norm_spike`` for this step (no sync).
-
-        A flag is true when the value is finite and either the window holds at least
-        ``min_history`` values and the robust z is above ``z_threshold``
-        (``x > median + z_threshold * scale``), or (early rule) it holds 3 to
-        ``min_history - 1`` values, their median is positive and the value is above
-        ``early_ratio`` times it. The bound is host arithmetic on the window, so the
-        check is one comparison on the device. ``last_loss_z`` / ``last_grad_norm_z``
-        give the z-score of the value checked (read when an event needs it; an early
-        spike has z > 66 too: for positive values the MAD is at most the median).
-        """
-        flags: dict[str, Tensor] = {}
-        for signal, value in (("loss", loss), ("grad_norm", grad_norm)):
-            if value is None or not self._watches(signal):
-                continue
-            median, scale, _ = self._window(signal).robust()
-            self._checked[signal] = (value, median, scale)
-            bound = self.bound(signal)
-            if bound is None:
-                flags[f"{signal}_spike"] = false_like(value)
-            else:
-                # A non-finite value is not a spike: the pipeline skips it as non-finite.
-                # Without the upper bound +Inf was flagged while NaN was not, so an Inf
-                # gradient counted as a spike skip and fed the spike escalation.
-                flags[f"{signal}_spike"] = (value > bound) & (value < math.inf)
-        return flags
-
-    @property
-    def last_loss_z(self) -> float | None:
-        """Robust z-score of the last checked loss (NaN before any history; reads it)."""
-        return self._last_z("loss")
-
-    @property
-    def last_grad_norm_z(self) -> float | None:
-        """Robust z-score of the last checked gradient norm (NaN before any history; reads it)."""
-        return self._last_z("grad_norm")
-
-    def _last_z(self, signal: str) -> float | None:
-        checked = self._checked.get(signal)
-        if checked is None:
-            return None
-        value, median, scale = checked
-        return (as_float(value) - median) / scale
-
-    def observe(
-        self, loss: Tensor | float | None, grad_norm: Tensor | float, is_accepted: Tensor | bool
-    ) -> None:
-        """Append this step's values to the history if the step was accepted.
-
-        The pipeline passes the host values of its one read; tensors are read here.
-        A non-finite value never enters the history.
-        """
-        if not as_bool(is_accepted):
+    def observe(self, numbers: StepNumbers) -> None:
+        """Append an accepted step's values to the windows (a non-finite value never enters)."""
+        if not numbers.is_accepted:
             return
-        for signal, value in (("loss", loss), ("grad_norm", grad_norm)):
-            if value is None or not self._watches(signal):
-                continue
-            x = as_float(value)
-            if math.isfinite(x):
-                self._window(signal).append(x)
+        for signal, value in (("loss", numbers.loss), ("grad_norm", numbers.grad_norm)):
+            if value is not None and self.watches(signal) and math.isfinite(value):
+                self._window(signal).append(value)
 
     def clear(self) -> None:
         """Forget the history (after a rollback): the guard warms up again."""
@@ -294,7 +242,7 @@ class SpikeGuard:
             state[f"{name}_count"] = window.count if window.count else None
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         for name, window in (("loss", self._loss), ("grad_norm", self._grad_norm)):
             count = state_dict[f"{name}_count"]
@@ -307,9 +255,6 @@ class SpikeGuard:
 
     def watches(self, signal: str) -> bool:
         """Whether ``signal`` (``"loss"`` or ``"grad_norm"``) is tested."""
-        return self._watches(signal)
-
-    def _watches(self, signal: str) -> bool:
         return self.watch_loss if signal == "loss" else self.watch_grad_norm
 
     def _window(self, signal: str) -> _RobustWindow:

@@ -1,0 +1,69 @@
+"""The clip policies by name: what ``SafeOptimizer(opt, clip=...)`` accepts.
+
+The table sits above the policies it names (it imports them; none imports it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from types import MappingProxyType
+from typing import Any
+
+from stableopt.stages.agc import AGCClip
+from stableopt.stages.base import ClipPolicy
+from stableopt.stages.clip import FixedClip
+from stableopt.stages.percentile import PercentileClip
+from stableopt.stages.zscore import ZScoreClip
+
+__all__ = ["CLIP_POLICIES", "resolve_clip"]
+
+#: Policy name -> the policy built with its defaults.
+CLIP_POLICIES: MappingProxyType[str, Callable[[], ClipPolicy]] = MappingProxyType(
+    {
+        "agc": AGCClip,
+        "percentile": PercentileClip,
+        "zscore": ZScoreClip,
+    }
+)
+
+_ACCEPTED = (
+    f"one of {sorted(CLIP_POLICIES)}, a finite positive number (a fixed max norm), a clip "
+    "policy (an object with name, max_norm, observe, state_dict and load_state_dict) or None"
+)
+
+
+def resolve_clip(clip: Any) -> ClipPolicy | None:
+    """Map the ``clip=`` argument of :class:`~stableopt.SafeOptimizer` to a policy.
+
+    Accepts any object with the members of :class:`~stableopt.stages.base.ClipPolicy`
+    (checked structurally: your own class need not inherit from it), a positive
+    number (:class:`~stableopt.stages.clip.FixedClip`), the name of a policy in
+    :data:`CLIP_POLICIES`, or ``None`` (no clipping).
+
+    Raises:
+        TypeError: ``clip`` is none of these.
+        ValueError: an unknown name, or a number that is not positive.
+    """
+    if clip is None:
+        return None
+    if isinstance(clip, bool):
+        raise TypeError(f"clip must be {_ACCEPTED}; got {clip!r}")
+    if isinstance(clip, (int, float)):
+        if not (clip > 0 and math.isfinite(clip)):
+            raise ValueError(f"clip must be {_ACCEPTED}; got {clip!r}")
+        return FixedClip(float(clip))
+    if isinstance(clip, str):
+        if clip not in CLIP_POLICIES:
+            raise ValueError(f"clip must be {_ACCEPTED}; got the unknown name {clip!r}")
+        return CLIP_POLICIES[clip]()
+    if isinstance(clip, ClipPolicy):
+        return clip
+    missing = [
+        name
+        for name in ("name", "max_norm", "observe", "state_dict", "load_state_dict")
+        if not hasattr(clip, name)
+    ]
+    raise TypeError(
+        f"clip must be {_ACCEPTED}; got {type(clip).__name__}, which has no {', '.join(missing)}"
+    )

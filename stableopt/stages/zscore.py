@@ -1,0 +1,156 @@
+"""ZClip: clip the total gradient norm when its z-score against an EMA of past norms spikes."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stableopt._checks import check_float, check_int
+from stableopt._num import Num, select
+from stableopt.stages.base import StepNumbers
+from stableopt.stages.clip import HistoryClip
+
+__all__ = ["ZScoreClip"]
+
+
+class ZScoreClip(HistoryClip):
+    """ZClip: clip the total norm when its z-score against an EMA of past norms spikes.
+
+    Kumar, Owen, Roy Chowdhury, Güra, "ZClip: Adaptive Spike Mitigation for LLM
+    Pre-Training", 2025 (arXiv:2504.02507); the arithmetic is the authors' package ``zclip``
+    (1.0, ``mode="zscore"``, ``clip_option="adaptive_scaling"``)::
+
+        warm-up:   the first `warmup_steps` accepted norms are collected, not clipped;
+                   then mu = mean(norms), var = mean((norms - mu)^2)
+        each step: sigma = sqrt(var),  z = (g - mu) / (sigma + eps)
+                   spike when z > z_thresh, then
+                   max_norm = (mu + z_thresh * sigma / (z / z_thresh)) * clip_factor
+                   (a reciprocal penalty: the larger the spike, the closer to mu)
+        after:     e  = max_norm if spike else g     (the clipped norm feeds the EMA)
+                   mu  <- alpha * mu  + (1 - alpha) * e
+                   var <- alpha * var + (1 - alpha) * (e - mu)^2   (with the new mu)
+
+    Without a spike (and during warm-up) the max norm is ``inf``; the result is then
+    clamped into ``[min_norm, max_norm]``. The EMA is fed the unclamped value, as
+    zclip feeds it before its ``max_grad_norm``. Only accepted steps with a finite
+    norm enter the warm-up buffer or the EMA.
+
+    The EMA lives on the host in float64 (as zclip's Python floats do), fed the
+    accepted norms once each step is over. The threshold is one formula for a float
+    norm and for a 0-dim tensor (a fused optimizer on an accelerator decides before
+    reading anything): a comparison with ``mu + z_thresh (sigma + eps)`` and, on a
+    spike, zclip's expression.
+
+    State: 4 numbers and the ``warmup_steps`` warm-up norms.
+
+    Args:
+        alpha: EMA decay of the mean and variance (default 0.97, in (0, 1]).
+        z_thresh: z-score above which a norm is a spike (default 2.5, ``> 0``).
+        warmup_steps: accepted steps collected before clipping starts (default 25, ``>= 1``).
+        clip_factor: multiplier of the spike threshold (default 1.0, ``> 0``; zclip
+            suggests 0.5-0.9 for more aggressive clipping).
+        eps: added to the standard deviation in the z-score (default 1e-6, ``> 0``).
+        min_norm: floor of the max norm (default ``None``: none, ``>= 0``).
+        max_norm: cap of the max norm, also applied during warm-up (default ``None``:
+            none, ``> 0``; zclip's own default is 1.0).
+    """
+
+    name = "zscore"
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        clip_factor: float = 1.0,
+        eps: float = 1e-6,
+        min_norm: float | None = None,
+        max_norm: float | None = None,
+    ) -> None:
+        super().__init__(min_norm, max_norm)
+        self.alpha = check_float("alpha", alpha, minimum=0.0, maximum=1.0, inclusive_min=False)
+        self.z_thresh = check_float("z_thresh", z_thresh, minimum=0.0, inclusive_min=False)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
+        self.clip_factor = check_float("clip_factor", clip_factor, minimum=0.0, inclusive_min=False)
+        self.eps = check_float("eps", eps, minimum=0.0, inclusive_min=False)
+        self.count = 0  # accepted finite norms so far (warm-up ends at warmup_steps)
+        self.warmup_norms: list[float] = []
+        self.mean = 0.0
+        self.var = 0.0
+
+    @property
+    def is_warm(self) -> bool:
+        """True once the warm-up norms are collected and the EMA decides."""
+        return self.count >= self.warmup_steps
+
+    def _spike_bound(self) -> float:
+        """The norm above which ``z > z_thresh``: ``mu + z_thresh (sigma + eps)``."""
+        return self.mean + self.z_thresh * (math.sqrt(self.var) + self.eps)
+
+    def _spike_threshold(self, norm: Num) -> Num:
+        """zclip's threshold for a spike of ``norm`` (its arithmetic, term by term)."""
+        std = math.sqrt(self.var)
+        z = (norm - self.mean) / (std + self.eps)
+        return (self.mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
+
+    def max_norm(self, grad_norm: Num) -> Num:
+        """The spike threshold on a spike, else ``inf``; clamped into ``[min_norm, max_norm]``."""
+        if not self.is_warm:
+            return self._not_clipping()
+        is_spike = grad_norm > self._spike_bound()
+        return self._bounded(select(is_spike, lambda: self._spike_threshold(grad_norm), math.inf))
+
+    def observe(self, numbers: StepNumbers) -> None:
+        """Collect the norm (warm-up) or update the EMA with the clipped norm (accepted steps only)."""
+        norm = numbers.grad_norm
+        if not numbers.is_accepted or not math.isfinite(norm):
+            return
+        if not self.is_warm:
+            self.warmup_norms.append(norm)
+            self.count += 1
+            if self.is_warm:
+                self.mean = sum(self.warmup_norms) / len(self.warmup_norms)
+                self.var = sum((x - self.mean) ** 2 for x in self.warmup_norms) / len(
+                    self.warmup_norms
+                )
+            return
+        effective = float(self._spike_threshold(norm)) if norm > self._spike_bound() else norm
+        self.count += 1
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * effective
+        self.var = self.alpha * self.var + (1 - self.alpha) * (effective - self.mean) ** 2
+
+    def _initial_history(self) -> dict[str, Tensor]:
+        return {
+            "count": torch.zeros((), dtype=torch.int64),
+            "warmup_norms": torch.zeros(self.warmup_steps, dtype=torch.float64),
+            "mean": torch.zeros((), dtype=torch.float64),
+            "var": torch.zeros((), dtype=torch.float64),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA and the warm-up norms, as CPU tensors."""
+        warmup = torch.zeros(self.warmup_steps, dtype=torch.float64)
+        warmup[: len(self.warmup_norms)] = torch.tensor(self.warmup_norms, dtype=torch.float64)
+        return {
+            "count": torch.tensor(self.count, dtype=torch.int64),
+            "warmup_norms": warmup,
+            "mean": torch.tensor(self.mean, dtype=torch.float64),
+            "var": torch.tensor(self.var, dtype=torch.float64),
+        }
+
+    def _load(self, state_dict: dict[str, Tensor]) -> None:
+        self.count = int(state_dict["count"])
+        collected = min(self.count, self.warmup_steps)
+        self.warmup_norms = state_dict["warmup_norms"].double().tolist()[:collected]
+        self.mean = float(state_dict["mean"])
+        self.var = float(state_dict["var"])
+
+    def __repr__(self) -> str:
+        return (
+            f"ZScoreClip(alpha={self.alpha:g}, z_thresh={self.z_thresh:g}, "
+            f"warmup_steps={self.warmup_steps}, clip_factor={self.clip_factor:g}, "
+            f"eps={self.eps:g}, {self._bounds_repr()})"
+        )

@@ -1,0 +1,87 @@
+"""What a step decided: :class:`StepVerdict`, a frozen record of host values.
+
+The gate (:mod:`stableopt.gate`) produces one per ``step()``; the weight check may
+add whether the weights are finite (:func:`dataclasses.replace`); the response
+(:mod:`stableopt.response`) and every stage read it. Nothing in it is a tensor, so
+reading it never syncs a device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+from stableopt.stages.base import StepNumbers
+
+__all__ = ["SkipReason", "StepVerdict"]
+
+
+class SkipReason(str, Enum):
+    """Why a step was skipped (its update did not run)."""
+
+    #: GradScaler found Inf/NaN at its current scale: its own skip, not a failure of the run.
+    AMP_OVERFLOW = "amp_overflow"
+    #: NaN or Inf in the gradients (or a norm that overflows the dtype).
+    NONFINITE_GRADS = "nonfinite_grads"
+    #: The loss is NaN or Inf.
+    NONFINITE_LOSS = "nonfinite_loss"
+    #: The gradient norm is above ``EmergencyClip(skip_above=...)``.
+    ABOVE_SKIP_LIMIT = "above_skip_limit"
+    #: The loss is an outlier against the spike guard's window.
+    LOSS_SPIKE = "loss_spike"
+    #: The gradient norm is an outlier against the spike guard's window.
+    GRAD_NORM_SPIKE = "grad_norm_spike"
+
+
+@dataclass(frozen=True, slots=True)
+class StepVerdict:
+    """One step's decision and the numbers behind it (host values).
+
+    Attributes:
+        step: the number of the step (``1`` for the first ``step()`` call).
+        grad_norm: the total gradient norm before clipping (unscaled under GradScaler).
+        loss: the step's loss (mean over ranks), or ``None`` when none was given.
+        is_accepted: the update ran (``skip_reason`` is ``None``).
+        skip_reason: why the step was skipped, or ``None``.
+        clip_threshold: the max total norm in force (``inf`` when the policy does not
+            clip this step; ``None`` when clipping is off).
+        clip_coefficient: the factor the gradients were multiplied by (``1.0``: unchanged).
+        is_clipped: the gradients were scaled down (by the coefficient, or in place by a
+            unit-wise policy).
+        is_emergency: the norm was above the emergency threshold, so the reduced limit of
+            :class:`~stableopt.stages.emergency_clip.EmergencyClip` applied.
+        weights_ok: whether every weight was finite after the step; ``None`` when the
+            weights were not checked.
+    """
+
+    step: int
+    grad_norm: float
+    loss: float | None
+    is_accepted: bool
+    skip_reason: SkipReason | None
+    clip_threshold: float | None = None
+    clip_coefficient: float = 1.0
+    is_clipped: bool = False
+    is_emergency: bool = False
+    weights_ok: bool | None = None
+
+    @property
+    def grads_finite(self) -> bool:
+        """Every gradient value was finite (read from the norm)."""
+        return math.isfinite(self.grad_norm)
+
+    @property
+    def loss_finite(self) -> bool:
+        """The loss was finite (``True`` without a loss)."""
+        return self.loss is None or math.isfinite(self.loss)
+
+    @property
+    def is_spike(self) -> bool:
+        """The step was skipped as a loss or gradient-norm spike."""
+        return self.skip_reason in (SkipReason.LOSS_SPIKE, SkipReason.GRAD_NORM_SPIKE)
+
+    @property
+    def numbers(self) -> StepNumbers:
+        """What the stages observe of this step."""
+        return StepNumbers(self.grad_norm, self.loss, self.is_accepted, self.step)
