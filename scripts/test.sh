@@ -8,4 +8,4 @@ ruff check stableopt benchmarks tests
 ruff format --check stableopt benchmarks tests
 mypy stableopt benchmarks
 python -m pytest -q -p no:cacheprovider
-mkdocs build --strict --quiet --site-dir "${TMPDIR:-/tmp}/stableopt-site"
+bash scripts/build_docs.sh

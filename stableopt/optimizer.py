@@ -32,16 +32,16 @@ from torch.optim import Optimizer
 from stableopt import checkpoint, recommend
 from stableopt._checks import check_int
 from stableopt.gate import Gate
-from stableopt.grad_norms import all_finite, grad_stats, scale_
+from stableopt.grad_norms import all_finite, grad_stats
+from stableopt.inner_update import InnerUpdate
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
 from stableopt.response import Response
 from stableopt.stages.base import ClipPolicy, Stage
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
-from stableopt.stages.lr_factor import scaled_lr
 from stableopt.stages.plateau import PlateauLR
-from stableopt.stages.registry import resolve_clip
+from stableopt.stages.registry import resolve_clip, resolve_stage
 from stableopt.stages.rollback import Rollback
 from stableopt.stages.spike import SpikeGuard
 from stableopt.verdict import StepVerdict
@@ -59,16 +59,6 @@ _HOOK_DICTS = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
-
-#: What each stage slot needs beyond the :class:`~stableopt.stages.base.Stage` members
-#: (name, observe, state_dict, load_state_dict): the members the pipeline uses.
-_STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
-    "emergency_clip": ("limit", "threshold", "skip_above"),
-    "spike": ("bound", "watches", "zscore", "clear", "cut_after", "rollback_after", "z_threshold"),
-    "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency", "is_exhausted"),
-    "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
-    "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
-}
 
 
 class SafeOptimizer(Optimizer):
@@ -149,17 +139,18 @@ class SafeOptimizer(Optimizer):
         torch._C._log_api_usage_once("python.stableopt.SafeOptimizer")
         self.optimizer = optimizer
         self.clip = resolve_clip(clip)
-        resolved_emergency_clip = _stage("emergency_clip", emergency_clip, EmergencyClip)
+        resolved_emergency_clip = resolve_stage("emergency_clip", emergency_clip, EmergencyClip)
         self.emergency_clip = resolved_emergency_clip if self.clip is not None else None
-        self.spike = _stage("spike", spike, SpikeGuard)
-        self.emergency_lr = _stage("emergency_lr", emergency_lr, EmergencyLR)
-        self.plateau = _stage("plateau", plateau, PlateauLR)
-        self.rollback = _stage("rollback", rollback, Rollback)
+        self.spike = resolve_stage("spike", spike, SpikeGuard)
+        self.emergency_lr = resolve_stage("emergency_lr", emergency_lr, EmergencyLR)
+        self.plateau = resolve_stage("plateau", plateau, PlateauLR)
+        self.rollback = resolve_stage("rollback", rollback, Rollback)
         self.max_consecutive_failures = check_int(
             "max_consecutive_failures", max_consecutive_failures, minimum=1
         )
         self.monitor = monitor if monitor is not None else Monitor()
         self.gate = Gate(self.clip, self.emergency_clip, self.spike)
+        self.inner = InnerUpdate(optimizer)
         self.response = Response(
             optimizer,
             clip=self.clip,
@@ -255,17 +246,19 @@ class SafeOptimizer(Optimizer):
         if self.rollback is not None and not self.rollback.has_snapshot:
             # The state before this step is good: it was verified after the last step.
             self.rollback.take(self.optimizer, step - 1)
-        amp_scale, amp_found_inf = self._amp_inputs(grads)
+        amp_scale, amp_found_inf = self.inner.amp_inputs(
+            grads, self.__dict__, unscale_here=_clips_in_place(self.clip)
+        )
         # The loss mean over ranks rides in the gradient norm's collective (one per step).
         stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
         clipped_in_place = self._clip_in_place(grads, params)
         if self._decides_before_update(grads):
             verdict, coefficient = self.gate.decide(step, stats, amp_found_inf, clipped_in_place)
             if verdict.is_accepted:
-                self._update(grads, coefficient, amp_scale)
+                self.inner.run(grads, coefficient, amp_scale, *self._lr())
         else:  # fused, off the CPU: the skip rides in found_inf, the read comes after
             pending = self.gate.decide_on_device(stats, amp_found_inf, clipped_in_place)
-            self._update_fused(pending.is_ok, pending.coefficient, amp_scale)
+            self.inner.run_fused(pending.is_ok, pending.coefficient, amp_scale, *self._lr())
             checked = all_finite(params) if self.weight_check.after_every_update else None
             verdict = self.gate.read(step, pending, checked)
         verdict = self.weight_check.verify(
@@ -281,20 +274,6 @@ class SafeOptimizer(Optimizer):
         return loss
 
     # -- the stages of step(), in order ---------------------------------------------
-
-    def _amp_inputs(self, grads: list[Tensor]) -> tuple[Tensor | None, Tensor | None]:
-        """GradScaler's ``grad_scale`` and ``found_inf`` for this step, if it set them.
-
-        A fused inner optimizer divides the gradients by the scale inside its kernel;
-        otherwise (and for a policy that clips in place, which needs the true
-        gradients) they are unscaled here, once.
-        """
-        amp_scale: Tensor | None = self.__dict__.get("grad_scale")
-        amp_found_inf: Tensor | None = self.__dict__.get("found_inf")
-        if amp_scale is not None and (not self._is_fused or _clips_in_place(self.clip)):
-            scale_(grads, amp_scale.double().reciprocal().float())
-            amp_scale = None
-        return amp_scale, amp_found_inf
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
         """This rank's loss for the step (the closure's, else the mean of the observed ones)."""
@@ -331,63 +310,17 @@ class SafeOptimizer(Optimizer):
         # Fused kernels skip the update when found_inf is set, but they create the
         # state of a parameter first; until every parameter has state, decide on the
         # host so that a bad first step leaves the state exactly as it was (empty).
-        if not self._is_fused or len(self.optimizer.state) < len(grads):
+        if not self.inner.is_fused or len(self.optimizer.state) < len(grads):
             return True
         return self._cpu_reads_decide and all(
             type(g) is Tensor and g.device.type == "cpu" for g in grads
         )
 
-    @property
-    def _is_fused(self) -> bool:
-        return bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-
-    def _update(
-        self, grads: list[Tensor], coefficient: Tensor | None, amp_scale: Tensor | None
-    ) -> None:
-        """The inner update at our LR factor, the gradients multiplied by ``coefficient``.
-
-        Multiplying here (not dividing in a fused kernel's ``grad_scale``) gives
-        ``clip_grad_norm_``'s bits; GradScaler's scale (a power of two) still rides in
-        ``grad_scale``, and dividing by it is exact.
-        """
-        if coefficient is not None and grads:
-            scale_(grads, coefficient)
-        with scaled_lr(self.param_groups, self.response.lr_factor, *self.response.lr_bounds()):
-            if amp_scale is None:
-                self.optimizer.step()
-            else:
-                self._fused_step(None, amp_scale)
-
-    def _update_fused(
-        self, is_ok: Tensor, coefficient: Tensor | None, amp_scale: Tensor | None
-    ) -> None:
-        """A fused update that takes the verdict on the device: the skip in ``found_inf``,
-        the clip coefficient in ``grad_scale`` (with GradScaler's scale, one divisor)."""
-        divisor = None if coefficient is None else coefficient.to(torch.float32).reciprocal()
-        if divisor is not None and amp_scale is not None:
-            divisor = amp_scale * divisor.to(amp_scale.device)
-        with scaled_lr(self.param_groups, self.response.lr_factor, *self.response.lr_bounds()):
-            self._fused_step(
-                (~is_ok).to(torch.float32), divisor if divisor is not None else amp_scale
-            )
-
-    def _fused_step(self, found_inf: Tensor | None, grad_scale: Tensor | None) -> None:
-        # GradScaler's protocol: the fused kernel divides every gradient by
-        # grad_scale and leaves weights and state alone when found_inf is non-zero.
-        inner: Any = self.optimizer
-        if found_inf is not None:
-            inner.found_inf = found_inf
-        if grad_scale is not None:
-            inner.grad_scale = grad_scale
-        try:
-            self.optimizer.step()
-        finally:
-            for name in ("found_inf", "grad_scale"):
-                if name in inner.__dict__:
-                    delattr(inner, name)
-
     def _all_params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
+
+    def _lr(self) -> tuple[float, tuple[float, float | None]]:
+        return self.response.lr_factor, self.response.lr_bounds()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -397,7 +330,7 @@ class SafeOptimizer(Optimizer):
         ``found_inf`` on this object instead of unscaling and skipping itself; the
         fused kernel then unscales the gradients once, inside it.
         """
-        return self._is_fused
+        return self.inner.is_fused
 
     # -- what it did ----------------------------------------------------------------
 
@@ -562,30 +495,6 @@ def _check_optimizer(optimizer: Any) -> None:
         raise TypeError(f"optimizer must be {accepted}, got the class {optimizer.__name__}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
-
-
-def _stage(name: str, value: Any, default: Callable[[], Any]) -> Any:
-    """Resolve a stage argument: ``"default"`` (built with its defaults), ``None``, or any
-    object with the members the pipeline uses (checked by member, not by class)."""
-    if value is None:
-        return None
-    if isinstance(value, str) and value == "default":
-        return default()
-    members = ("name", "observe", "state_dict", "load_state_dict", *_STAGE_MEMBERS[name])
-    missing = [member for member in members if not hasattr(value, member)]
-    if isinstance(value, str) or missing:
-        what = (
-            f"{value!r}"
-            if isinstance(value, str)
-            else f"{type(value).__name__}, which has no {', '.join(missing)}"
-        )
-        kind = getattr(default, "__name__", name)
-        article = "an" if kind[:1] in "AEIOU" else "a"
-        raise TypeError(
-            f"{name} must be {article} {kind} (or an object with its members: "
-            f"{', '.join(members)}), 'default' or None; got {what}"
-        )
-    return value
 
 
 def _clips_in_place(clip: Any) -> bool:

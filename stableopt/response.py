@@ -33,8 +33,12 @@ class Response:
 
     Args:
         optimizer: the inner optimizer (what a rollback restores, what snapshots copy).
-        clip, emergency_clip, spike, emergency_lr, plateau, rollback: the stages
-            (any may be ``None``).
+        clip: the clip policy (``None``: off), for its history.
+        emergency_clip: the emergency clip (``None``: off), for its cool-down.
+        spike: the spike guard (``None``: off): its history and escalation.
+        emergency_lr: the emergency LR policy (``None``: off).
+        plateau: the plateau LR policy (``None``: off).
+        rollback: snapshots (``None``: off; a corrupted update then stops the run).
         monitor: where counters and events go.
         max_consecutive_failures: skipped or rolled-back steps in a row that stop the run.
         stats: the optimizer's ``stats()``, for the :class:`DivergenceError`.

@@ -1,4 +1,5 @@
-"""The clip policies by name: what ``SafeOptimizer(opt, clip=...)`` accepts.
+"""What ``SafeOptimizer``'s stage arguments accept: clip policies by name, and any stage
+checked by its members.
 
 The table sits above the policies it names (it imports them; none imports it).
 """
@@ -16,7 +17,7 @@ from stableopt.stages.clip import FixedClip
 from stableopt.stages.percentile import PercentileClip
 from stableopt.stages.zscore import ZScoreClip
 
-__all__ = ["CLIP_POLICIES", "resolve_clip"]
+__all__ = ["CLIP_POLICIES", "STAGE_MEMBERS", "resolve_clip", "resolve_stage"]
 
 #: Policy name -> the policy built with its defaults.
 CLIP_POLICIES: MappingProxyType[str, Callable[[], ClipPolicy]] = MappingProxyType(
@@ -67,3 +68,43 @@ def resolve_clip(clip: Any) -> ClipPolicy | None:
     raise TypeError(
         f"clip must be {_ACCEPTED}; got {type(clip).__name__}, which has no {', '.join(missing)}"
     )
+
+
+#: What each stage slot needs beyond the :class:`~stableopt.stages.base.Stage` members
+#: (name, observe, state_dict, load_state_dict): the members the pipeline uses.
+STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
+    "emergency_clip": ("limit", "threshold", "skip_above"),
+    "spike": ("bound", "watches", "zscore", "clear", "cut_after", "rollback_after", "z_threshold"),
+    "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency", "is_exhausted"),
+    "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
+    "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
+}
+
+
+def resolve_stage(name: str, value: Any, default: Callable[[], Any]) -> Any:
+    """Resolve the stage argument ``name`` of :class:`~stableopt.SafeOptimizer`:
+    ``"default"`` (``default()``), ``None`` (off), or any object with the members the
+    pipeline uses (:data:`STAGE_MEMBERS`; checked by member, not by class).
+
+    Raises:
+        TypeError: ``value`` is none of these; the message names the missing members.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str) and value == "default":
+        return default()
+    members = ("name", "observe", "state_dict", "load_state_dict", *STAGE_MEMBERS[name])
+    missing = [member for member in members if not hasattr(value, member)]
+    if isinstance(value, str) or missing:
+        what = (
+            f"{value!r}"
+            if isinstance(value, str)
+            else f"{type(value).__name__}, which has no {', '.join(missing)}"
+        )
+        kind = getattr(default, "__name__", name)
+        article = "an" if kind[:1] in "AEIOU" else "a"
+        raise TypeError(
+            f"{name} must be {article} {kind} (or an object with its members: "
+            f"{', '.join(members)}), 'default' or None; got {what}"
+        )
+    return value
