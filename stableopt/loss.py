@@ -6,8 +6,9 @@
   so a NaN/Inf loss makes the next ``opt.step()`` a skip, even when the gradients
   happen to be finite;
 - it counts non-finite losses without a host sync (a device counter, read lazily);
-- it trims a prediction/target length mismatch in one dim (seq2seq, TTS: 100
-  decoded frames against 97 target frames) and counts it;
+- it trims a prediction/target length mismatch in the time dim (seq2seq, TTS: 100
+  decoded frames against 97 target frames) and counts it, only where it knows the
+  loss's layout: shapes that fit that layout go through untouched;
 - with ``lengths=`` it averages over the valid (unpadded) positions only.
 
 Host syncs added per call and per step on the happy path: **zero**. The non-finite
@@ -15,33 +16,31 @@ counter lives on the device. After each ``opt.step()`` a step hook brings it to 
 host: on CPU by reading it (free), on CUDA by a non-blocking copy into pinned memory
 that is folded in at a later step once its event has completed (no wait). After a
 skipped step (a sync the optimizer already paid) and in ``loss_fn.stats()`` /
-``loss_fn.events()`` it is read exactly, which is one blocking read.
+``loss_fn.events()`` it is read exactly, which is one blocking read. Shapes are
+compared on the host (``.shape``); ``lengths`` on the CPU are checked on the host
+(free), on CUDA on the device (``torch._assert_async``, no wait).
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
-import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from stableopt._align import ON_MISMATCH, Mismatch, align, masked_loss
+from stableopt._align import CLASSES, ON_MISMATCH, Aligned, align, layout_of
 from stableopt._checks import check_choice, check_float
+from stableopt._loss_count import LossCounts
+from stableopt._loss_mask import Unreduced, check_lengths, masked_loss
 from stableopt.monitor import Event
 from stableopt.optimizer import SafeOptimizer
 
 __all__ = ["ConsistencyLoss", "SafeLoss"]
 
 log = logging.getLogger(__name__)
-
-_REDUCTIONS = ("mean", "sum", "none")
-_MAX_EVENTS = 256
 
 
 class SafeLoss(nn.Module):
@@ -52,21 +51,42 @@ class SafeLoss(nn.Module):
     Face model output, the call is passed through unchanged). With well-formed
     inputs the value and its gradient are exactly the wrapped loss's.
 
-    **Length mismatch.** Dim 0 is the batch. When ``pred`` and ``target`` differ in
-    exactly one other dim, of lengths :math:`T_p \ne T_y`, both are cut to
-    :math:`T = \min(T_p, T_y)` along it,
+    **Layouts.** Dim 0 is the batch. SafeLoss changes shapes only where it knows
+    the wrapped loss's layout:
+
+    - *element-wise* (``nn.MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``,
+      ``BCEWithLogitsLoss``, ``BCELoss`` and the ``F.`` functions of the same
+      names): the target has the prediction's shape; the time dim is the last
+      (``(B, T)``, ``(B, n_mel, T)``);
+    - *classes at dim 1* (``nn.CrossEntropyLoss``, ``NLLLoss``, ``F.cross_entropy``,
+      ``F.nll_loss``): ``(B, C, *)`` logits against ``(B, *)`` class indices or
+      ``(B, C, *)`` probabilities; the time dim is the last, unless that is the
+      class dim (``(N, C)`` has none), and the class dim is never trimmed;
+    - anything else (a function, another module): no layout and no default time dim.
+
+    A subclass of a listed module counts only if it keeps that module's ``forward``.
+
+    **Length mismatch.** When ``pred`` and ``target`` differ in the time dim only
+    (``time_dim``, or the layout's default), of lengths :math:`T_p \ne T_y`, both
+    are cut to :math:`T = \min(T_p, T_y)` along it,
 
     .. math:: L = \ell(\hat y_{[:, \dots, :T, \dots]}, y_{[:, \dots, :T, \dots]}),
 
     the mismatch is counted (``size_mismatches``) and recorded as an event at the
     1st, 2nd, 4th, 8th, ... occurrence (a log line each, so a run that mismatches
-    every step logs :math:`\log_2` of its steps). Any other difference (batch size,
-    rank, two dims) raises ``ValueError`` naming both shapes. A target with one dim
-    fewer than ``pred`` is read as class indices with the classes at dim 1 of
-    ``pred`` (``CrossEntropyLoss``: ``(B, C, T)`` against ``(B, T)``).
+    every step logs :math:`\log_2` of its steps). Every other difference raises
+    ``ValueError`` naming both shapes and the fix: a batch size, a class dim, two
+    dims, a dim other than the time dim, a rank a known layout does not take, a
+    shape difference with a loss of no known layout and no ``time_dim``, and
+    ``(B, T, C)`` logits against ``(B, T)`` labels for a class-index loss (which
+    would read ``T`` as the classes). With a loss of no known layout a target of
+    another rank is never checked or trimmed: the call goes to the loss as it is
+    (``F.cross_entropy(logits.flatten(0, 1), labels.flatten())`` inside a function
+    sees ``(B, T, V)`` and ``(B, T)`` untouched).
 
     **Masking.** With ``lengths`` (a 1-D integer tensor, :math:`n_b` valid steps for
-    batch item :math:`b`), the mask :math:`m_{b,t} = [t < n_b]` is broadcast over
+    batch item :math:`b`, :math:`0 \le n_b \le` the longer time length of ``pred``
+    and ``target``), the mask :math:`m_{b,t} = [t < n_b]` is broadcast over
     every other dim of the elementwise loss :math:`\ell_i` and
 
     .. math:: L = \frac{\sum_i m_i \ell_i}{\sum_i m_i c_i}, \qquad L = 0 \text{ if } \sum_i m_i c_i = 0,
@@ -78,7 +98,13 @@ class SafeLoss(nn.Module):
     ``reduction`` attribute (``nn.MSELoss``, ``L1Loss``, ``SmoothL1Loss``,
     ``HuberLoss``, ``BCEWithLogitsLoss``, ``CrossEntropyLoss``, ...; a shallow copy
     set to ``reduction="none"``, sharing its weights), a function with a
-    ``reduction`` parameter (``F.mse_loss``, ...), or ``elementwise=True``.
+    ``reduction`` parameter (``F.mse_loss``, ...), or ``elementwise=True``. The mask
+    applies to the time dim, so a loss of no known layout needs ``time_dim``; a
+    target of one dim fewer is then read with the classes at dim 1 of ``pred``, and
+    its time dim must have the prediction's length. ``lengths`` on the CPU are
+    checked at once (``ValueError``); on an accelerator, or under ``torch.compile``,
+    on the device, without a sync (``torch._assert_async``: a bad value stops the
+    run at the next synchronisation, on CUDA as a device-side assertion).
 
     **Reporting.** Each call made with gradients enabled passes the detached loss to
     ``optimizer.observe_loss`` (no sync). Calls under ``torch.no_grad()`` or
@@ -94,12 +120,14 @@ class SafeLoss(nn.Module):
             ``None``: standalone; counters in :meth:`stats` only). When linked,
             ``nonfinite_losses`` and ``size_mismatches`` also appear in
             ``optimizer.stats()`` and the events in ``optimizer.events()``.
-        on_mismatch: ``"trim"`` (default), ``"error"`` (any shape difference
-            raises ``ValueError``) or ``"ignore"`` (no shape check at all: for losses
-            with their own shape contract, such as ``CTCLoss``).
-        time_dim: the time dim of ``pred`` for masking (negative counts from the
-            end). Default ``None``: the mismatched dim if there is one, else the last
-            dim. When given, a length mismatch in any other dim raises.
+        on_mismatch: ``"trim"`` (default: trim a time-dim mismatch, raise on any
+            other difference), ``"error"`` (a time-dim mismatch raises
+            ``ValueError`` too) or ``"ignore"`` (no shape check at all: for losses
+            with their own shape contract, such as broadcasting).
+        time_dim: the time dim of ``pred``, the one dim that may be trimmed and
+            that ``lengths`` masks (negative counts from the end; neither the
+            batch nor the class dim). Default ``None``: the last dim for a known
+            layout, none otherwise.
         elementwise: the loss returns unreduced values (default ``False``); SafeLoss
             takes their mean (masked with ``lengths``).
         observe: report to ``optimizer.observe_loss`` (default ``True``).
@@ -147,33 +175,28 @@ class SafeLoss(nn.Module):
         self.time_dim = time_dim
         self.elementwise = elementwise
         self.observe = observe
+        self._layout = layout_of(loss)
         parameters = _parameters(loss)
         self._takes_num_items = "num_items_in_batch" in parameters or "**" in parameters
         self._takes_lengths = "lengths" in parameters
-        self._reduction_default: str | None = parameters.get("reduction")
-        # The elementwise twin is deliberately not a registered submodule: it shares
-        # the wrapped loss's parameter and buffer dicts (so .to() moves both) and
-        # must not appear twice in state_dict().
-        self._unreduced: Callable[..., Tensor] | None = None
-        if isinstance(getattr(loss, "reduction", None), str) and isinstance(loss, nn.Module):
-            twin = copy.copy(loss)
-            object.__setattr__(twin, "reduction", "none")
-            object.__setattr__(self, "_unreduced", twin)
-        self._nonfinite = _DeviceCount()
-        self._nonfinite_folded = 0
-        self._size_mismatches = 0
-        self._skips_seen = 0
-        self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
-        if optimizer is not None:
-            for name in ("nonfinite_losses", "size_mismatches"):
-                optimizer.monitor.count(name, 0)  # present in opt.stats() from the start
-            self._skips_seen = optimizer.monitor.counters["skipped_steps"]
-            optimizer.register_step_post_hook(_after_step_hook(self))
+        self._unreduced = Unreduced(loss, parameters.get("reduction"), elementwise, _name(loss))
+        self._counts = LossCounts(optimizer, log)
 
     # -- the call ---------------------------------------------------------------------
 
     def forward(self, *args: Any, lengths: Tensor | None = None, **kwargs: Any) -> Tensor:
-        """The wrapped loss of ``args``/``kwargs``, aligned and masked (see the class)."""
+        """The wrapped loss of ``args``/``kwargs``, aligned and masked (see the class).
+
+        Args:
+            *args: the wrapped loss's positional arguments, ``pred`` and ``target`` first.
+            lengths: the valid length of each batch item along the time dim (default
+                ``None``: no mask); forwarded instead when the loss has a ``lengths``
+                parameter.
+            **kwargs: the wrapped loss's keyword arguments.
+
+        Returns:
+            The loss, a Tensor supporting ``.backward()``.
+        """
         return self._report(self._compute(args, kwargs, lengths))
 
     def _compute(
@@ -183,20 +206,27 @@ class SafeLoss(nn.Module):
             kwargs.pop("num_items_in_batch", None)
         if lengths is not None and self._takes_lengths:
             kwargs["lengths"], lengths = lengths, None
-        time_dim = None
+        aligned = None
         if len(args) >= 2 and isinstance(args[0], Tensor) and isinstance(args[1], Tensor):
-            aligned = align(args[0], args[1], time_dim=self.time_dim, on_mismatch=self.on_mismatch)
-            if aligned.mismatch is not None:
-                self._note_mismatch(aligned.mismatch)
-            args = (aligned.pred, aligned.target, *args[2:])
-            time_dim = aligned.time_dim
-        elif lengths is not None:
-            raise TypeError(
-                "lengths= needs the prediction and the target as the first two positional "
-                "arguments, both tensors"
+            aligned = align(
+                args[0],
+                args[1],
+                layout=self._layout,
+                time_dim=self.time_dim,
+                on_mismatch=self.on_mismatch,
+                masking=lengths is not None,
+                name=_name(self.loss),
             )
+            if aligned.mismatch is not None:
+                self._counts.note_mismatch(aligned.mismatch)
+            args = (aligned.pred, aligned.target, *args[2:])
         if lengths is not None:
-            return self._masked(args, kwargs, lengths, time_dim)
+            if aligned is None:
+                raise TypeError(
+                    "lengths= needs the prediction and the target as the first two positional "
+                    "arguments, both tensors"
+                )
+            return self._masked(args, kwargs, lengths, aligned)
         value = self.loss(*args, **kwargs)
         if self.elementwise and isinstance(value, Tensor):
             value = value.mean()
@@ -207,125 +237,54 @@ class SafeLoss(nn.Module):
         return value
 
     def _masked(
-        self,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        lengths: Tensor,
-        time_dim: int | None,
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], lengths: Tensor, aligned: Aligned
     ) -> Tensor:
-        unreduced, reduction, kwargs = self._unreduced_call(kwargs)
+        pred = args[0]
+        unreduced, reduction, kwargs = self._unreduced.call(kwargs)
+        if aligned.time_dim is None or aligned.steps is None:
+            if self._layout is None and self.time_dim is None:
+                why = (
+                    f"SafeLoss does not know the layout of {_name(self.loss)}, so it does not "
+                    "guess which dim is time: pass time_dim="
+                )
+            else:
+                why = "it has none besides the batch (and class) dim"
+            raise ValueError(
+                f"lengths= masks the time dim of the prediction of shape {tuple(pred.shape)}: {why}"
+            )
+        where = f"the time dim {aligned.time_dim} (the longer of prediction and target)"
+        check_lengths(lengths, int(pred.shape[0]), aligned.steps, where)
         return masked_loss(
             unreduced,
             reduction,
             args,
             kwargs,
             lengths,
-            time_dim,
+            aligned.time_dim,
             class_weight=kwargs.get("weight", getattr(self.loss, "weight", None)),
             ignore_index=kwargs.get("ignore_index", getattr(self.loss, "ignore_index", -100)),
-            by_class=not self.elementwise,
+            by_class=self._layout == CLASSES and not self.elementwise,
         )
-
-    def _unreduced_call(
-        self, kwargs: dict[str, Any]
-    ) -> tuple[Callable[..., Tensor], str, dict[str, Any]]:
-        """The elementwise form of the loss, the reduction to apply, and the kwargs to pass."""
-        if self.elementwise:
-            return self.loss, "mean", kwargs
-        if self._unreduced is not None:
-            reduction = getattr(self.loss, "reduction", "mean")
-        elif self._reduction_default is not None:
-            reduction = kwargs.get("reduction", self._reduction_default)
-            kwargs = {**kwargs, "reduction": "none"}
-        else:
-            raise TypeError(
-                "lengths= needs an elementwise loss: a loss with a `reduction` attribute "
-                "(nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.BCEWithLogitsLoss, ...), a function "
-                "with a `reduction` parameter (F.mse_loss, ...), or SafeLoss(fn, elementwise=True) "
-                f"for a function returning unreduced values; got {_name(self.loss)}"
-            )
-        if reduction not in _REDUCTIONS:
-            raise ValueError(
-                f"lengths= supports the reductions {list(_REDUCTIONS)}, the loss has {reduction!r}"
-            )
-        unreduced = self.loss if self._unreduced is None else self._unreduced
-        return unreduced, reduction, kwargs
 
     def _report(self, value: Tensor) -> Tensor:
         detached = value.detach()
-        self._nonfinite.add(~torch.isfinite(detached).all())
+        self._counts.nonfinite.add(~torch.isfinite(detached).all())
         if self.optimizer is not None and self.observe and torch.is_grad_enabled():
             self.optimizer.observe_loss(detached)
         return value
-
-    # Host bookkeeping and logging happen only on a mismatch; under torch.compile
-    # they run outside the graph (one graph break, on the mismatch path only).
-    @torch.compiler.disable
-    def _note_mismatch(self, mismatch: Mismatch) -> None:
-        self._size_mismatches += 1
-        if self.optimizer is not None:
-            self.optimizer.monitor.count("size_mismatches")
-        count = self._size_mismatches
-        if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a bounded log
-            length = min(mismatch.pred_length, mismatch.target_length)
-            self._event(
-                "size_mismatch",
-                f"prediction {mismatch.pred_shape} and target {mismatch.target_shape} differ "
-                f"in dim {mismatch.dim}: both trimmed to {length} "
-                f"({count} mismatches so far; reported at the 1st, 2nd, 4th, 8th, ...)",
-                pred_length=float(mismatch.pred_length),
-                target_length=float(mismatch.target_length),
-                size_mismatches=float(count),
-            )
 
     # -- counters and events ------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
         """``nonfinite_losses`` and ``size_mismatches`` so far (one blocking device read)."""
-        self._fold(self._nonfinite.read())
-        return {
-            "nonfinite_losses": self._nonfinite_folded,
-            "size_mismatches": self._size_mismatches,
-        }
+        return self._counts.stats()
 
     def events(self) -> list[Event]:
         """This loss's events, oldest first (one blocking device read).
 
         ``event.step`` is the optimizer's step counter when linked, else 0.
         """
-        self._fold(self._nonfinite.read())
-        return list(self._events)
-
-    def _after_step(self) -> None:
-        """After ``opt.step()``: bring the non-finite count to the optimizer's monitor."""
-        assert self.optimizer is not None
-        skipped = self.optimizer.monitor.counters["skipped_steps"]
-        was_skipped, self._skips_seen = skipped != self._skips_seen, skipped
-        # The skip already cost a sync: read exactly then, never wait otherwise.
-        self._fold(self._nonfinite.read() if was_skipped else self._nonfinite.poll())
-
-    def _fold(self, count: int) -> None:
-        previous = self._nonfinite_folded
-        if count <= previous:
-            return
-        self._nonfinite_folded = count
-        if self.optimizer is not None:
-            self.optimizer.monitor.count("nonfinite_losses", count - previous)
-        if count.bit_length() > previous.bit_length():  # crossed 1, 2, 4, 8, ...
-            self._event(
-                "nonfinite_loss",
-                f"the loss is NaN/Inf ({count} non-finite losses so far, "
-                f"{count - previous} since the last check; reported at the 1st, 2nd, 4th, ...)",
-                nonfinite_losses=float(count),
-            )
-
-    def _event(self, kind: str, reason: str, **data: float) -> None:
-        if self.optimizer is not None:
-            event = self.optimizer.monitor.event(kind, reason, **data)  # logs, rate-limited
-        else:
-            event = Event(0, kind, reason, dict(data))
-            log.warning("%s: %s", kind, reason)
-        self._events.append(event)
+        return self._counts.events()
 
     def extra_repr(self) -> str:
         linked = "linked" if self.optimizer is not None else "standalone"
@@ -350,8 +309,14 @@ class ConsistencyLoss(SafeLoss):
 
     Args:
         weight: :math:`w \ge 0` (default 1.0).
-        loss: :math:`\ell` (default ``nn.MSELoss()``); anything :class:`SafeLoss` accepts.
-        optimizer, on_mismatch, time_dim, observe: as in :class:`SafeLoss`.
+        loss: :math:`\ell` (default ``None``: ``nn.MSELoss()``, element-wise, time the
+            last dim); anything :class:`SafeLoss` accepts.
+        optimizer: the :class:`~stableopt.SafeOptimizer` to report to (default
+            ``None``: standalone), as in :class:`SafeLoss`.
+        on_mismatch: ``"trim"`` (default), ``"error"`` or ``"ignore"``, as in
+            :class:`SafeLoss`.
+        time_dim: the time dim (default ``None``: the layout's), as in :class:`SafeLoss`.
+        observe: report to ``optimizer.observe_loss`` (default ``True``).
     """
 
     def __init__(
@@ -376,7 +341,16 @@ class ConsistencyLoss(SafeLoss):
     def forward(  # type: ignore[override]
         self, first: Tensor, second: Tensor, *, lengths: Tensor | None = None
     ) -> Tensor:
-        """``weight * loss(first, second.detach())``, trimmed and masked like SafeLoss."""
+        """``weight * loss(first, second.detach())``, trimmed and masked like SafeLoss.
+
+        Args:
+            first: :math:`a`, the output the gradient flows into.
+            second: :math:`b`, the output taken as a fixed target (detached).
+            lengths: valid lengths along the time dim (default ``None``: no mask).
+
+        Returns:
+            The weighted loss.
+        """
         for name, value in (("first", first), ("second", second)):
             if not isinstance(value, Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
@@ -384,60 +358,6 @@ class ConsistencyLoss(SafeLoss):
 
     def extra_repr(self) -> str:
         return f"weight={self.weight:g}, {super().extra_repr()}"
-
-
-class _DeviceCount:
-    """A count kept on the device; the host learns it without waiting.
-
-    ``add`` is one in-place device add. ``poll`` never blocks: on CPU it reads the
-    count (there is no device to wait for); on CUDA it folds the last non-blocking
-    copy if its event has completed and starts a new one. ``read`` blocks.
-    """
-
-    def __init__(self) -> None:
-        self.total: Tensor | None = None
-        self.known = 0
-        self._host: Tensor | None = None
-        self._copied: Any = None  # a torch.cuda.Event while a copy is in flight
-
-    def add(self, flag: Tensor) -> None:
-        if self.total is None:
-            self.total = torch.zeros((), dtype=torch.int64, device=flag.device)
-        self.total.add_(flag.to(self.total.device))
-
-    def poll(self) -> int:
-        if self.total is None:
-            return self.known
-        if self.total.device.type != "cuda":
-            return self.read()
-        if self._copied is not None and self._copied.query():
-            assert self._host is not None
-            self.known = max(self.known, int(self._host))  # pinned host memory: no sync
-            self._copied = None
-        if self._copied is None:
-            if self._host is None:
-                self._host = torch.zeros((), dtype=torch.int64, pin_memory=True)
-            self._host.copy_(self.total, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        return self.known
-
-    def read(self) -> int:
-        if self.total is not None:
-            self.known = int(self.total)
-        return self.known
-
-
-def _after_step_hook(loss_fn: SafeLoss) -> Callable[..., None]:
-    # A weak reference: the optimizer must not keep a discarded loss alive.
-    ref = weakref.ref(loss_fn)
-
-    def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-        target = ref()
-        if target is not None:
-            target._after_step()
-
-    return after_step
 
 
 def _check_loss(loss: Any) -> None:

@@ -1,0 +1,163 @@
+"""SafeLoss's counters and events, kept without waiting on the device.
+
+:class:`DeviceCount` keeps the non-finite count on the device and lets the host learn
+it without a sync; :class:`LossCounts` folds it, with the size mismatches, into the
+loss's own stats and events and, when linked, into the optimizer's monitor.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections import deque
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from stableopt._align import Mismatch
+from stableopt.monitor import Event
+from stableopt.optimizer import SafeOptimizer
+
+__all__ = ["DeviceCount", "LossCounts"]
+
+_MAX_EVENTS = 256
+
+
+class DeviceCount:
+    """A count kept on the device; the host learns it without waiting.
+
+    ``add`` is one in-place device add. ``poll`` never blocks: on CPU it reads the
+    count (there is no device to wait for); on CUDA it folds the last non-blocking
+    copy if its event has completed and starts a new one. ``read`` blocks.
+    """
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.known = 0
+        self._host: Tensor | None = None
+        self._copied: Any = None  # a torch.cuda.Event while a copy is in flight
+
+    def add(self, flag: Tensor) -> None:
+        if self.total is None:
+            self.total = torch.zeros((), dtype=torch.int64, device=flag.device)
+        self.total.add_(flag.to(self.total.device))
+
+    def poll(self) -> int:
+        if self.total is None:
+            return self.known
+        if self.total.device.type != "cuda":
+            return self.read()
+        if self._copied is not None and self._copied.query():
+            assert self._host is not None
+            self.known = max(self.known, int(self._host))  # pinned host memory: no sync
+            self._copied = None
+        if self._copied is None:
+            if self._host is None:
+                self._host = torch.zeros((), dtype=torch.int64, pin_memory=True)
+            self._host.copy_(self.total, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return self.known
+
+    def read(self) -> int:
+        if self.total is not None:
+            self.known = int(self.total)
+        return self.known
+
+
+class LossCounts:
+    """``nonfinite_losses``, ``size_mismatches`` and the events of one SafeLoss.
+
+    Linked to ``optimizer``, the counters are added to its monitor (present in
+    ``opt.stats()`` from the start) and a step hook folds the device count after
+    every ``opt.step()``. Standalone, events are logged to ``log``.
+    """
+
+    def __init__(self, optimizer: SafeOptimizer | None, log: logging.Logger) -> None:
+        self.optimizer = optimizer
+        self.nonfinite = DeviceCount()
+        self._log = log
+        self._nonfinite_folded = 0
+        self._size_mismatches = 0
+        self._skips_seen = 0
+        self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
+        if optimizer is not None:
+            for name in ("nonfinite_losses", "size_mismatches"):
+                optimizer.monitor.count(name, 0)
+            self._skips_seen = optimizer.monitor.counters["skipped_steps"]
+            optimizer.register_step_post_hook(_after_step_hook(self))
+
+    def stats(self) -> dict[str, int]:
+        self._fold(self.nonfinite.read())
+        return {
+            "nonfinite_losses": self._nonfinite_folded,
+            "size_mismatches": self._size_mismatches,
+        }
+
+    def events(self) -> list[Event]:
+        self._fold(self.nonfinite.read())
+        return list(self._events)
+
+    # Host bookkeeping and logging happen only on a mismatch; under torch.compile
+    # they run outside the graph (one graph break, on the mismatch path only).
+    @torch.compiler.disable
+    def note_mismatch(self, mismatch: Mismatch) -> None:
+        self._size_mismatches += 1
+        if self.optimizer is not None:
+            self.optimizer.monitor.count("size_mismatches")
+        count = self._size_mismatches
+        if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a bounded log
+            length = min(mismatch.pred_length, mismatch.target_length)
+            self._event(
+                "size_mismatch",
+                f"prediction {mismatch.pred_shape} and target {mismatch.target_shape} differ "
+                f"in dim {mismatch.dim}: both trimmed to {length} "
+                f"({count} mismatches so far; reported at the 1st, 2nd, 4th, 8th, ...)",
+                pred_length=float(mismatch.pred_length),
+                target_length=float(mismatch.target_length),
+                size_mismatches=float(count),
+            )
+
+    def after_step(self) -> None:
+        """After ``opt.step()``: bring the non-finite count to the optimizer's monitor."""
+        assert self.optimizer is not None
+        skipped = self.optimizer.monitor.counters["skipped_steps"]
+        was_skipped, self._skips_seen = skipped != self._skips_seen, skipped
+        # The skip already cost a sync: read exactly then, never wait otherwise.
+        self._fold(self.nonfinite.read() if was_skipped else self.nonfinite.poll())
+
+    def _fold(self, count: int) -> None:
+        previous = self._nonfinite_folded
+        if count <= previous:
+            return
+        self._nonfinite_folded = count
+        if self.optimizer is not None:
+            self.optimizer.monitor.count("nonfinite_losses", count - previous)
+        if count.bit_length() > previous.bit_length():  # crossed 1, 2, 4, 8, ...
+            self._event(
+                "nonfinite_loss",
+                f"the loss is NaN/Inf ({count} non-finite losses so far, "
+                f"{count - previous} since the last check; reported at the 1st, 2nd, 4th, ...)",
+                nonfinite_losses=float(count),
+            )
+
+    def _event(self, kind: str, reason: str, **data: float) -> None:
+        if self.optimizer is not None:
+            event = self.optimizer.monitor.event(kind, reason, **data)  # logs, rate-limited
+        else:
+            event = Event(0, kind, reason, dict(data))
+            self._log.warning("%s: %s", kind, reason)
+        self._events.append(event)
+
+
+def _after_step_hook(counts: LossCounts) -> Any:
+    # A weak reference: the optimizer must not keep a discarded loss alive.
+    ref = weakref.ref(counts)
+
+    def after_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+        target = ref()
+        if target is not None:
+            target.after_step()
+
+    return after_step
