@@ -82,6 +82,7 @@ class LossCounts:
         self._size_mismatches = 0
         self._skips_seen = 0
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
+        _compile_outside_graph()
         if optimizer is not None:
             for name in ("nonfinite_losses", "size_mismatches"):
                 optimizer.monitor.count(name, 0)
@@ -99,10 +100,9 @@ class LossCounts:
         self._fold(self.nonfinite.read())
         return list(self._events)
 
-    # Host bookkeeping and logging happen only on a mismatch; under torch.compile
-    # they run outside the graph (one graph break, on the mismatch path only).
-    @torch.compiler.disable
     def note_mismatch(self, mismatch: Mismatch) -> None:
+        """Count a trimmed mismatch; an event at the 1st, 2nd, 4th, 8th, ... (outside any
+        compiled graph: see :func:`_compile_outside_graph`)."""
         self._size_mismatches += 1
         if self.optimizer is not None:
             self.optimizer.monitor.count("size_mismatches")
@@ -161,3 +161,18 @@ def _after_step_hook(counts: LossCounts) -> Any:
             target.after_step()
 
     return after_step
+
+
+def _compile_outside_graph() -> None:
+    """Host bookkeeping and logging happen only on a mismatch; under torch.compile they run
+    outside the graph (one graph break, on the mismatch path only).
+
+    ``torch.compiler.disable`` imports ``torch._dynamo`` (about as long as ``import torch``
+    itself), so it is applied when the first SafeLoss is built, not when stableopt is
+    imported. Once: the class attribute is replaced by the disabled function.
+    """
+    method = LossCounts.__dict__["note_mismatch"]
+    if not getattr(method, "_outside_graph", False):
+        disabled = torch.compiler.disable(method)
+        disabled._outside_graph = True  # type: ignore[attr-defined]
+        LossCounts.note_mismatch = disabled  # type: ignore[method-assign]

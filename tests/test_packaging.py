@@ -50,3 +50,18 @@ def test_the_wheel_pulls_no_benchmark_dependency(wheel: zipfile.ZipFile) -> None
     ]
     assert sorted(r.split(">")[0].split("=")[0] for r in required) == ["numpy", "scipy", "torch"]
     assert "ai2-olmo-core" not in text and "Provides-Extra: bench" not in text
+
+
+def test_importing_the_package_pulls_in_no_compiler_and_no_scipy() -> None:
+    """What made `import stableopt` cost 2-3x `import torch`: torch._dynamo (pulled in by
+    torch.compiler.disable at import) and scipy.stats. Both are imported when first used."""
+    code = (
+        "import sys, stableopt, stableopt.cli\n"
+        "heavy = [m for m in ('torch._dynamo', 'scipy', 'scipy.stats', 'matplotlib') "
+        "if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    )
+    assert result.stdout.strip() == ""
