@@ -1,6 +1,7 @@
 """stableopt: PyTorch training that survives exploding gradients, NaN losses and corrupted weights."""
 
 from stableopt.errors import DivergenceError
+from stableopt.escalation import Escalation
 from stableopt.loss import ConsistencyLoss, SafeLoss
 from stableopt.monitor import Event, Monitor, Sink
 from stableopt.optimizer import SafeOptimizer
@@ -28,6 +29,7 @@ __all__ = [
     "DivergenceError",
     "EmergencyClip",
     "EmergencyLR",
+    "Escalation",
     "Event",
     "FixedClip",
     "Monitor",

@@ -109,8 +109,10 @@ class Gate:
                 bounds.append(
                     Bound("above_skip_limit", "grad_norm", _rounded(skip_above, norm_dtype))
                 )
-            threshold = _rounded(self.emergency_clip.threshold, norm_dtype)
-            bounds.append(Bound("emergency_clip", "grad_norm", threshold))
+            threshold = self.emergency_clip.threshold
+            if threshold is not None:
+                rounded = _rounded(threshold, norm_dtype)
+                bounds.append(Bound("emergency_clip", "grad_norm", rounded))
         return tuple(bounds)
 
     @staticmethod

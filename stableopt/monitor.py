@@ -91,6 +91,7 @@ class Monitor:
         "spike_skips",
         "scaler_skips",
         "rollbacks",
+        "new_levels",
         "total_clips",
         "emergency_clips",
         "lr_changes",
@@ -128,10 +129,6 @@ class Monitor:
     def record_step(self, outcome: str) -> None:
         """Record one finished step whose outcome is a key of :data:`SEVERITY`."""
         self._severities.append(SEVERITY[outcome])
-        if outcome in ("skip", "rollback"):
-            self.count("consecutive_failures")
-        else:
-            self.counters["consecutive_failures"] = 0
 
     def event(self, kind: str, reason: str, **data: float) -> Event:
         """Record an event and log it (rate-limited per kind)."""

@@ -31,6 +31,7 @@ from torch.optim import Optimizer
 
 from stableopt import checkpoint, recommend
 from stableopt._checks import check_int
+from stableopt.escalation import Escalation
 from stableopt.gate import Gate
 from stableopt.grad_norms import all_finite, grad_stats
 from stableopt.inner_update import InnerUpdate
@@ -77,23 +78,27 @@ class SafeOptimizer(Optimizer):
             (a fixed max norm, identical to ``torch.nn.utils.clip_grad_norm_``), a
             clip policy (:class:`~stableopt.stages.base.ClipPolicy`: any object with
             its members), or ``None`` (off).
-        emergency_clip: on top of the clip policy, a total norm above 1000 clips to
-            half the policy's threshold for a cool-down window
-            (:class:`~stableopt.stages.emergency_clip.EmergencyClip`). Acts only when
-            ``clip`` is set.
-        spike: skip steps whose loss or gradient norm is an outlier
-            (:class:`~stableopt.stages.spike.SpikeGuard`), escalating to an LR cut and
-            a rollback.
-        emergency_lr: cut the LR on non-finite values, explosions and repeated
-            spikes, and recover it gradually (:class:`~stableopt.stages.emergency_lr.EmergencyLR`).
+        emergency_clip: on top of the clip policy, a total norm above 10x the median
+            of the recent norms clips to half the policy's threshold for a cool-down
+            window (:class:`~stableopt.stages.emergency_clip.EmergencyClip`). Acts only
+            when ``clip`` is set.
+        spike: skip steps whose loss or gradient norm is an outlier against the run's
+            own recent values (:class:`~stableopt.stages.spike.SpikeGuard`).
+        emergency_lr: cut the LR when an update made the state bad (with a rollback),
+            and recover it gradually (:class:`~stableopt.stages.emergency_lr.EmergencyLR`).
         plateau: lower the LR when the training loss stops improving
             (:class:`~stableopt.stages.plateau.PlateauLR`; needs the loss).
         rollback: snapshots that undo a step which left non-finite weights
             (:class:`~stableopt.stages.rollback.Rollback`; default every 100 good steps, in
             host memory: 3x the parameter bytes for Adam/AdamW). With ``None`` a
             step that corrupts the weights raises :class:`DivergenceError` at once.
+        escalation: what a run of failed steps leads to: a new level after a few
+            spikes at one level, a rollback with an LR cut when the state fails, a stop
+            when the run cannot make progress (:class:`~stableopt.escalation.Escalation`;
+            it cannot be turned off).
         max_consecutive_failures: raise :class:`DivergenceError` after this many
-            consecutive skipped or rolled-back steps (default 10, ``>= 1``).
+            consecutive skipped or rolled-back steps (default ``None``: the
+            escalation's, 10; ``>= 1``).
         check_weights: when to check that the weights are finite. ``"lazy"``
             (default): only when a step's gradients or loss are non-finite (how a NaN
             weight shows itself at the next step) and before every snapshot, so a
@@ -126,7 +131,8 @@ class SafeOptimizer(Optimizer):
         emergency_lr: EmergencyLR | Literal["default"] | None = "default",
         plateau: PlateauLR | Literal["default"] | None = "default",
         rollback: Rollback | Literal["default"] | None = "default",
-        max_consecutive_failures: int = 10,
+        escalation: Escalation | Literal["default"] = "default",
+        max_consecutive_failures: int | None = None,
         check_weights: Literal["lazy", "every_step", "off"] = "lazy",
         monitor: Monitor | None = None,
     ) -> None:
@@ -145,9 +151,13 @@ class SafeOptimizer(Optimizer):
         self.emergency_lr = resolve_stage("emergency_lr", emergency_lr, EmergencyLR)
         self.plateau = resolve_stage("plateau", plateau, PlateauLR)
         self.rollback = resolve_stage("rollback", rollback, Rollback)
-        self.max_consecutive_failures = check_int(
-            "max_consecutive_failures", max_consecutive_failures, minimum=1
-        )
+        if escalation is None:
+            raise TypeError("escalation must be an Escalation or 'default' (it cannot be off)")
+        self.escalation: Escalation = resolve_stage("escalation", escalation, Escalation)
+        if max_consecutive_failures is not None:
+            self.escalation.max_consecutive_failures = check_int(
+                "max_consecutive_failures", max_consecutive_failures, minimum=1
+            )
         self.monitor = monitor if monitor is not None else Monitor()
         self.gate = Gate(self.clip, self.emergency_clip, self.spike)
         self.inner = InnerUpdate(optimizer)
@@ -160,7 +170,7 @@ class SafeOptimizer(Optimizer):
             plateau=self.plateau,
             rollback=self.rollback,
             monitor=self.monitor,
-            max_consecutive_failures=self.max_consecutive_failures,
+            escalation=self.escalation,
             stats=self.stats,
         )
         #: What the last step decided (host values; ``None`` before the first step).
@@ -245,7 +255,7 @@ class SafeOptimizer(Optimizer):
         grads = [p.grad for p in params]
         if self.rollback is not None and not self.rollback.has_snapshot:
             # The state before this step is good: it was verified after the last step.
-            self.rollback.take(self.optimizer, step - 1)
+            self.response.take_snapshot(step - 1)
         amp_scale, amp_found_inf = self.inner.amp_inputs(
             grads, self.__dict__, unscale_here=_clips_in_place(self.clip)
         )
@@ -390,6 +400,7 @@ class SafeOptimizer(Optimizer):
             "emergency_lr": self.emergency_lr,
             "plateau": self.plateau,
             "rollback": self.rollback,
+            "escalation": self.escalation,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -409,7 +420,6 @@ class SafeOptimizer(Optimizer):
             self._stages(),
             self.monitor,
             {
-                **self.response.state_dict(),
                 "last_grad_norm": last.grad_norm if last is not None else None,
                 "last_loss": last.loss if last is not None else None,
                 "last_threshold": last.clip_threshold if last is not None else None,
@@ -455,7 +465,6 @@ class SafeOptimizer(Optimizer):
                 self.rollback.invalidate()
         else:
             checkpoint.load_stages(ours, self._stages(), self.monitor)
-            self.response.load_state_dict(ours)
             self.last_verdict = checkpoint.last_verdict(ours, self.monitor.counters["steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -481,9 +490,7 @@ class SafeOptimizer(Optimizer):
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())
         stages = "".join(f"    {name}={stage!r},\n" for name, stage in self._stages().items())
         return (
-            f"{type(self).__name__}(\n{inner}\n{stages}"
-            f"    max_consecutive_failures={self.max_consecutive_failures},\n"
-            f"    check_weights={self.check_weights},\n)"
+            f"{type(self).__name__}(\n{inner}\n{stages}    check_weights={self.check_weights},\n)"
         )
 
 

@@ -1,20 +1,24 @@
 """The response: what the pipeline does once a step's verdict is known.
 
-Histories take the step's numbers, a snapshot is taken when due, the outcome is
-counted and explained (events), repeated spikes escalate, the LR factors move, and
-a run past its failure budget stops with :class:`~stableopt.DivergenceError`. It
+Histories take the step's numbers, a snapshot is taken when due, the escalation
+state machine (:mod:`stableopt.escalation`) says what the outcome leads to (accept,
+skip, a new level, a rollback with an LR cut, a stop), which is carried out, counted
+and explained (events); the LR factors move, and a run that cannot make progress
+stops with :class:`~stableopt.DivergenceError`. It
 all runs on the host from the verdict's numbers: no sync of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 from torch.optim import Optimizer
 
 from stableopt.errors import DivergenceError
+from stableopt.escalation import Action, Escalation, Transition
 from stableopt.monitor import Monitor
 from stableopt.stages.base import ClipPolicy
 from stableopt.stages.emergency_clip import EmergencyClip
@@ -40,7 +44,7 @@ class Response:
         plateau: the plateau LR policy (``None``: off).
         rollback: snapshots (``None``: off; a corrupted update then stops the run).
         monitor: where counters and events go.
-        max_consecutive_failures: skipped or rolled-back steps in a row that stop the run.
+        escalation: the state machine of failures (skip, new level, rollback, stop).
         stats: the optimizer's ``stats()``, for the :class:`DivergenceError`.
     """
 
@@ -55,7 +59,7 @@ class Response:
         plateau: PlateauLR | None,
         rollback: Rollback | None,
         monitor: Monitor,
-        max_consecutive_failures: int,
+        escalation: Escalation,
         stats: Callable[[], dict[str, Any]],
     ) -> None:
         self.optimizer = optimizer
@@ -66,9 +70,9 @@ class Response:
         self.plateau = plateau
         self.rollback = rollback
         self.monitor = monitor
-        self.max_consecutive_failures = max_consecutive_failures
+        self.escalation = escalation
         self._stats = stats
-        self.spike_streak = 0  # consecutive spike skips
+        self._histories: dict[str, Any] = {}  # the judging stages' state at the snapshot
 
     # -- the step's outcome -------------------------------------------------------------
 
@@ -79,7 +83,7 @@ class Response:
         )
 
     def respond(self, verdict: StepVerdict, *, weights_corrupted_by_update: bool) -> None:
-        """Everything that follows from ``verdict``; raises past the failure budget.
+        """Everything that follows from ``verdict``; raises when the run cannot go on.
 
         ``weights_corrupted_by_update``: the weights were checked right after this
         step's update (so a non-finite weight was written by it), not found later.
@@ -93,63 +97,78 @@ class Response:
             self.monitor.count("scaler_skips")
             return
         step = self.monitor.counters["steps"]
-        if verdict.weights_ok is False:
-            outcome = "rollback"
-            cause = (
-                "the update left non-finite weights"
-                if weights_corrupted_by_update
-                else "non-finite weights found (left by an earlier update)"
-            )
-            self._restore(f"{cause} (gradient norm {verdict.grad_norm:.4g})")
-        elif not verdict.is_accepted:
-            outcome, cause = "skip", self._skip_cause(verdict)
-            self.monitor.count("skipped_steps")
-            self.monitor.event(
-                "skip",
-                f"{cause}: step skipped, weights and optimizer state unchanged",
-                grad_norm=verdict.grad_norm,
-            )
-        else:
-            outcome, cause = "ok", None
+        transition = self.escalation.next(verdict)
+        action = transition.action
+        cut_reason = None
+        if action is Action.STOP:
+            if verdict.weights_ok is False and self.rollback is not None:
+                if self.rollback.has_snapshot:  # stop with the last good weights, not these
+                    self._restore(f"stopping: {transition.reason}")
+            elif not verdict.is_accepted:
+                self._count_skip(verdict)
+            self.monitor.counters["consecutive_failures"] = self.escalation.consecutive_failures
+            self.raise_divergence(transition.reason)
+        elif action is Action.ACCEPT:
             self._count_good_step(verdict)
-
+        elif action is Action.ROLLBACK:
+            if verdict.weights_ok is False:
+                cause = (
+                    "the update left non-finite weights"
+                    if weights_corrupted_by_update
+                    else "non-finite weights found (left by an earlier update)"
+                )
+                why = f"{cause} (gradient norm {verdict.grad_norm:.4g})"
+            else:
+                self.monitor.count("skipped_steps")
+                why = f"{self._skip_cause(verdict)}; {transition.reason}"
+            self._restore(why)
+            cut_reason = why
+        else:  # a skip, maybe with a new level
+            self._count_skip(verdict)
+            if action is Action.RELEARN:
+                self._relearn(transition)
         if verdict.is_spike and self.spike is not None:
             self.monitor.count("spike_skips")
-            self.spike_streak += 1
-            if self.spike_streak == self.spike.cut_after:
-                cause = f"{self.spike_streak} consecutive loss/gradient spikes"
-            if self.spike_streak >= self.spike.rollback_after:
-                self._restore(f"{self.spike_streak} consecutive spikes")
-                self.spike.clear()  # a genuine change of regime is learned afresh
-                self.spike_streak, outcome = 0, "rollback"
-        elif outcome == "ok":
-            self.spike_streak = 0
-
-        trigger, immediate = self._lr_trigger(verdict, cause)
+        is_healthy = action is Action.ACCEPT
         if self.emergency_lr is not None:
+            trigger = cut_reason if cut_reason is not None else self._threshold_trigger(verdict)
+            immediate = cut_reason is not None
             self._record_lr_change(
-                self.emergency_lr.update(
-                    step, trigger, is_healthy=outcome == "ok", immediate=immediate
-                )
+                self.emergency_lr.update(step, trigger, is_healthy=is_healthy, immediate=immediate)
             )
-            if self.emergency_lr.is_exhausted:
-                self.raise_divergence(
-                    f"{self.emergency_lr.emergency_cuts} emergency LR cuts without recovering in "
-                    f"between (max_emergencies={self.emergency_lr.max_emergencies})"
-                )
         if self.plateau is not None:
-            if outcome != "ok" or trigger is not None:
+            if not is_healthy or cut_reason is not None:
                 self.plateau.restart()
             self._record_lr_change(self.plateau.update())
-        self.monitor.record_step(
-            "emergency_clip" if outcome == "ok" and verdict.is_emergency else outcome
+        outcome = {Action.ACCEPT: "ok", Action.ROLLBACK: "rollback"}.get(action, "skip")
+        if outcome == "ok" and verdict.is_emergency:
+            outcome = "emergency_clip"
+        self.monitor.record_step(outcome)
+        self.monitor.counters["consecutive_failures"] = self.escalation.consecutive_failures
+
+    def _count_skip(self, verdict: StepVerdict) -> None:
+        self.monitor.count("skipped_steps")
+        self.monitor.event(
+            "skip",
+            f"{self._skip_cause(verdict)}: step skipped, weights and optimizer state unchanged",
+            grad_norm=verdict.grad_norm,
         )
-        failures = self.monitor.counters["consecutive_failures"]
-        if failures >= self.max_consecutive_failures:
-            self.raise_divergence(
-                f"{failures} consecutive steps were skipped or rolled back "
-                f"(max_consecutive_failures={self.max_consecutive_failures})"
-            )
+
+    def _relearn(self, transition: Transition) -> None:
+        """The histories that judge a step restart from the new level's values."""
+        for stage in (self.clip, self.emergency_clip, self.spike):
+            rebase = getattr(stage, "rebase", None)
+            if rebase is not None:
+                rebase(transition.new_level)
+        if self.plateau is not None:
+            self.plateau.restart()
+        norms = [n.grad_norm for n in transition.new_level]
+        self.monitor.count("new_levels")
+        self.monitor.event(
+            "new_level",
+            f"{transition.reason}: gradient norm now about {sorted(norms)[len(norms) // 2]:.4g}",
+            grad_norm=float(sorted(norms)[len(norms) // 2]),
+        )
 
     def _count_good_step(self, verdict: StepVerdict) -> None:
         self.monitor.count("good_steps")
@@ -165,7 +184,26 @@ class Response:
                 clip_threshold=float(verdict.clip_threshold or 0.0),
             )
         if self.rollback is not None and self.rollback.is_due(self.monitor.counters["good_steps"]):
-            self.rollback.take(self.optimizer, self.monitor.counters["steps"])
+            self.take_snapshot(self.monitor.counters["steps"])
+
+    def take_snapshot(self, step: int) -> None:
+        """Snapshot the weights and the optimizer state, and the histories that judge a step.
+
+        The histories (the clip policy's, the emergency clip's, the spike guard's) go back
+        with the weights on a restore: the values after the snapshot came from weights
+        that are gone, and judged against them the restored run's first steps would look
+        like spikes.
+        """
+        assert self.rollback is not None
+        self.rollback.take(self.optimizer, step)
+        self._histories = {
+            name: copy.deepcopy(stage.state_dict())
+            for name, stage in self._judging_stages().items()
+        }
+
+    def _judging_stages(self) -> dict[str, Any]:
+        stages = {"clip": self.clip, "emergency_clip": self.emergency_clip, "spike": self.spike}
+        return {name: stage for name, stage in stages.items() if stage is not None}
 
     def _skip_cause(self, verdict: StepVerdict) -> str:
         grad_norm, reason = verdict.grad_norm, verdict.skip_reason
@@ -187,32 +225,18 @@ class Response:
             )
         return f"step rejected (gradient norm {grad_norm:.4g})"
 
-    def _lr_trigger(self, verdict: StepVerdict, cause: str | None) -> tuple[str | None, bool]:
-        """Why the emergency LR policy should cut, or ``None``; and whether at once.
-
-        At once (``True``) where the update itself failed: non-finite weights after
-        it, or the spike guard's escalation. A bad batch (non-finite loss or
-        gradients, a norm or loss above its threshold) cuts only when it repeats
-        (:class:`~stableopt.stages.emergency_lr.EmergencyLR`'s ``min_triggers``).
-        """
-        if verdict.weights_ok is False:
-            return cause, True
-        if not verdict.grads_finite or not verdict.loss_finite:
-            return cause, False
-        if self.emergency_lr is not None:
-            triggers = self.emergency_lr.triggers(verdict.grad_norm, verdict.loss)
-            if triggers["grad_norm_above_threshold"]:
-                threshold = self.emergency_lr.grad_norm_threshold
-                return f"gradient norm {verdict.grad_norm:.4g} above {threshold:g}", False
-            if triggers["loss_above_threshold"]:
-                return f"loss above {self.emergency_lr.loss_threshold:g}", False
-        if (
-            self.spike is not None
-            and cause is not None
-            and self.spike_streak == self.spike.cut_after
-        ):
-            return cause, True
-        return None, False
+    def _threshold_trigger(self, verdict: StepVerdict) -> str | None:
+        """An absolute threshold of the emergency LR policy crossed (when set), or ``None``."""
+        assert self.emergency_lr is not None
+        if not verdict.is_accepted:
+            return None  # a skipped step touched nothing: never a reason to cut
+        triggers = self.emergency_lr.triggers(verdict.grad_norm, verdict.loss)
+        if triggers["grad_norm_above_threshold"]:
+            threshold = self.emergency_lr.grad_norm_threshold
+            return f"gradient norm {verdict.grad_norm:.4g} above grad_norm_threshold={threshold:g}"
+        if triggers["loss_above_threshold"]:
+            return f"loss above loss_threshold={self.emergency_lr.loss_threshold:g}"
+        return None
 
     def _record_lr_change(self, change: LRChange | None) -> None:
         if change is None:
@@ -227,6 +251,9 @@ class Response:
             self.raise_divergence(f"{why}, and rollback is off: nothing good to restore")
         assert self.rollback is not None
         self.rollback.restore(self.optimizer)
+        for name, stage in self._judging_stages().items():
+            if name in self._histories:
+                stage.load_state_dict(copy.deepcopy(self._histories[name]))
         self.monitor.count("rollbacks")
         self.monitor.event(
             "rollback",
@@ -276,11 +303,3 @@ class Response:
             f"step {e.step} {e.kind}: {e.reason}" for e in self.monitor.events()[-5:]
         )
         return f"Counters: {counters}. Last events: {recent}"
-
-    def state_dict(self) -> dict[str, Any]:
-        """The response's own state: the spike streak."""
-        return {"spike_streak": self.spike_streak}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.spike_streak = int(state_dict["spike_streak"])

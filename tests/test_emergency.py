@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -72,7 +74,7 @@ def test_reduced_threshold_holds_for_the_cooldown_then_returns() -> None:
     opt = SafeOptimizer(
         torch.optim.SGD(model.parameters(), lr=1e-3),
         clip=2.0,
-        emergency_clip=EmergencyClip(cooldown_steps=3),
+        emergency_clip=EmergencyClip(cooldown_steps=3, min_history=2),
     )
     thresholds = []
     for step in range(8):
@@ -105,7 +107,34 @@ def test_skip_above_skips_garbage_norms() -> None:
 
 def test_emergency_state_resumes() -> None:
     emergency = EmergencyClip(cooldown_steps=5)
+    for _ in range(8):
+        emergency.observe(StepNumbers(1.0))
     emergency.observe(StepNumbers(5e3))
     restored = EmergencyClip(cooldown_steps=5)
     restored.load_state_dict(emergency.state_dict())
-    assert restored.state_dict() == {"cooldown_left": 5}
+    assert restored.cooldown_left == 5 and restored.threshold == emergency.threshold == 10.0
+    for norm in (1.0, 40.0, 1e4):
+        assert restored.limit(math.inf, norm) == emergency.limit(math.inf, norm)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3, 1e6])
+def test_the_emergency_threshold_is_relative_to_the_runs_own_level(scale: float) -> None:
+    """10x the median of the recent accepted norms, whatever their size: a run whose healthy
+    norm is 1e5 is never in an emergency, and a 20x jump is one at every scale."""
+    emergency = EmergencyClip()
+    norms = [scale * (1.0 + 0.1 * (i % 5)) for i in range(64)]
+    for i, norm in enumerate(norms):
+        assert emergency.limit(math.inf, norm) == math.inf, i  # healthy: never reduced
+        emergency.observe(StepNumbers(norm))
+    median = sorted(norms)[31]  # the lower median of 64
+    assert emergency.threshold == pytest.approx(10.0 * median)
+    assert emergency.limit(math.inf, 20 * scale) == pytest.approx(0.5 * 10.0 * median)
+    assert emergency.limit(3.0 * scale, 20 * scale) == pytest.approx(1.5 * scale)
+
+
+def test_an_absolute_threshold_stays_available() -> None:
+    emergency = EmergencyClip(threshold=1000.0)
+    assert emergency.threshold == 1000.0  # from the first step, without history
+    assert emergency.limit(2.0, 2000.0) == 1.0 and emergency.limit(2.0, 999.0) == 2.0
+    with pytest.raises(ValueError, match="skip_above"):
+        EmergencyClip(threshold=1000.0, skip_above=10.0)

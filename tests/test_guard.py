@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from stableopt import DivergenceError, Rollback, SafeOptimizer
+from stableopt import DivergenceError, Escalation, Rollback, SafeOptimizer
 from tests.helpers import (
     OPTIMIZERS,
     OptimizerInfo,
@@ -254,7 +254,13 @@ def test_random_fault_schedules_never_corrupt_the_model(
         clip=1.0,
         rollback=Rollback(every_steps=every),
         check_weights=check_weights,  # type: ignore[arg-type]
-        max_consecutive_failures=len(schedule) + 1,
+        # the escalation (a rollback after 5 failures in a row, a stop after 3 restores
+        # that fail again) is tested on its own: here every fault is met alone
+        escalation=Escalation(
+            rollback_after=len(schedule) + 1,
+            max_consecutive_failures=len(schedule) + 1,
+            max_restore_failures=len(schedule) + 1,
+        ),
     )
     last_snapshot = snapshot(model, opt)
     good_steps = skips = rollbacks = 0

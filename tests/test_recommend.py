@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stableopt import EmergencyLR, Monitor, PlateauLR, SafeOptimizer
+from stableopt import Monitor, PlateauLR, SafeOptimizer
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Sink
 from stableopt.recommend import (
@@ -83,10 +83,9 @@ def test_healthy_run_gives_no_recommendation() -> None:
 
 
 def test_repeated_explosions_recommend_a_lower_lr_with_the_cut_that_worked() -> None:
-    # min_triggers=1: each explosion cuts (by default isolated ones are only skipped)
-    opt = train(
-        150, {50: "grad_spike", 100: "grad_spike"}, emergency_lr=EmergencyLR(min_triggers=1)
-    )
+    # updates that write NaN weights: each is rolled back and the LR cut (a bad input,
+    # skipped, never cuts)
+    opt = train(150, {50: "nan_weights", 100: "nan_weights"}, check_weights="every_step")
     advice = {a.kind: a for a in opt.recommendations()}
     lower = advice["lower_lr"]
     cuts = [e for e in opt.events() if e.kind == "lr_cut"]
@@ -101,7 +100,7 @@ def test_repeated_explosions_recommend_a_lower_lr_with_the_cut_that_worked() -> 
 
 
 def test_a_single_cut_is_not_repeated() -> None:
-    opt = train(100, {50: "grad_spike"}, emergency_lr=EmergencyLR(min_triggers=1))
+    opt = train(100, {50: "nan_weights"}, check_weights="every_step")
     assert "lower_lr" not in kinds(opt.recommendations())
     assert "lower_lr" in kinds(opt.recommendations(min_lr_cuts=1))
 

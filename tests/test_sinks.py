@@ -31,7 +31,6 @@ from stableopt.sinks import (
     default_sinks,
     metric_values,
 )
-from stableopt.stages.emergency_lr import EmergencyLR
 from tests.test_recommend import one_thread, train  # noqa: F401  (one_thread: autouse fixture)
 
 FAULTS: dict[int, Any] = {25: "nan_grad", 45: "grad_spike", 70: "nan_weights"}
@@ -335,8 +334,8 @@ def closed_port_url() -> str:
 
 def test_webhook_notifies_a_real_run_once_per_kind(receiver: Receiver) -> None:
     sink = WebhookSink(f"{receiver.url}/hook", min_interval_s=3600, run_name="demo")
-    # min_triggers=1: every fault cuts, so lr_cut repeats and the repeats are rate-limited
-    opt = train(80, FAULTS, sinks=[sink], emergency_lr=EmergencyLR(min_triggers=1))
+    # two corrupting updates: rollback and lr_cut repeat, and the repeats are rate-limited
+    opt = train(80, {**FAULTS, 60: "nan_weights"}, sinks=[sink], check_weights="every_step")
     notifying = [e for e in opt.events() if e.kind in DEFAULT_NOTIFY_KINDS]
     first: dict[str, Event] = {}
     for event in notifying:
@@ -390,8 +389,8 @@ def test_telegram_posts_send_message_with_chat_id_and_text(
     monkeypatch.setenv("STABLEOPT_TELEGRAM_CHAT_ID", "-42")
     sink = TelegramSink(api_base=receiver.url, min_interval_s=0)
     assert "123:ABC" not in repr(sink)
-    # min_triggers=1: every fault cuts, so lr_cut repeats and the repeats are rate-limited
-    opt = train(80, FAULTS, sinks=[sink], emergency_lr=EmergencyLR(min_triggers=1))
+    # two corrupting updates: rollback and lr_cut repeat, and the repeats are rate-limited
+    opt = train(80, {**FAULTS, 60: "nan_weights"}, sinks=[sink], check_weights="every_step")
     notifying = [e for e in opt.events() if e.kind in DEFAULT_NOTIFY_KINDS]
     assert {path for path, _ in receiver.requests} == {"/bot123:ABC/sendMessage"}
     assert sorted(body["text"] for _, body in receiver.requests) == sorted(

@@ -17,59 +17,52 @@ __all__ = ["EmergencyLR"]
 
 
 class EmergencyLR:
-    """Cut the LR when training blows up; bring it back gradually when it calms down.
+    """Cut the LR when an accepted update made things worse; bring it back gradually.
 
-    Triggers (each read in the step's one host read): a non-finite loss or
-    gradient, weights that a step left non-finite, a total gradient norm above
-    ``grad_norm_threshold``, a loss above ``loss_threshold``, and repeated loss
-    spikes (from the spike guard).
+    What cuts (decided by the escalation, :class:`~stableopt.escalation.Escalation`, and
+    passed to :meth:`update` with ``immediate=True``): an update that wrote non-finite
+    weights, and a run of failed steps long enough that the state itself is failing;
+    each comes with a rollback. A bad *input* (a NaN or Inf loss or gradient, a spike)
+    is skipped and has touched nothing: it never cuts the LR, however often it recurs.
 
-    When a trigger cuts: an *isolated* bad batch (a NaN or Inf loss or gradient, a
-    norm or loss above its threshold) is already handled by the step that met it
-    (skipped, or clipped) and has touched nothing; cutting the LR for it only slows
-    training. So those triggers cut when they repeat: the ``min_triggers``-th
-    trigger within ``trigger_window`` steps cuts (3 within 20 by default, a failure
-    rate of 15% where random bad batches are a few percent). A trigger that shows
-    the *update* itself is failing cuts at once: non-finite weights after an
-    update, and a run of spikes (``immediate=True`` in :meth:`update`). So does any
-    trigger while the LR is already cut (a new emergency during recovery cuts from
-    where the factor is). ``EmergencyLR(min_triggers=1)`` cuts on every trigger. A
-    cut multiplies the factor by ``factor``; a trigger within ``cooldown_steps`` of
-    the last cut counts as unhealthy but does not cut again (one burst, one cut).
+    Optional absolute triggers (off by default: a constant means nothing to a run whose
+    healthy norm is 1e-3 or 1e5): a total gradient norm above ``grad_norm_threshold`` or
+    a loss above ``loss_threshold``. Those cut when they repeat: the ``min_triggers``-th
+    within ``trigger_window`` steps, or any while the LR is already cut. A trigger
+    within ``cooldown_steps`` of the last cut does not cut again (one burst, one cut).
 
     Recovery: after ``recovery_after_steps`` consecutive healthy steps the factor
     is multiplied by ``recovery_growth`` every ``recovery_every_steps`` healthy
     steps until it is back at 1: a geometric ramp, 0.1 -> 0.2 -> 0.4 -> 0.8 -> 1
-    over 20 + 3 x 5 = 35 healthy steps with the defaults.
-    A healthy step is an accepted step without a trigger; a step skipped or rolled
-    back without a trigger (an isolated spike skip), or with a trigger that did
-    not cut, is not healthy and restarts the count. In formulas,
+    over 20 + 3 x 5 = 35 healthy steps with the defaults. A healthy step is an
+    accepted step without a trigger; a failed step restarts the count. In formulas,
     with one cut to ``c`` at step ``k`` and only healthy steps after it, the factor
     in force at step ``k + 1 + h`` (``h`` healthy steps done) is
     ``min(1, c * g**j)`` with ``j = 0`` for ``h < a`` and ``j = 1 + (h - a) // e``
     otherwise (``a``, ``e``, ``g``: ``recovery_after_steps``,
     ``recovery_every_steps``, ``recovery_growth``).
 
-    Bounded: the cuts of one *emergency* (from a cut at factor 1 until the factor
-    is back at 1) are at most ``max_emergencies``; one more declares the run
-    diverging (:class:`~stableopt.DivergenceError`) rather than shrinking the LR
-    to nothing. Counting per emergency rather than per fixed window means that
-    isolated faults, each recovered from, never add up to a false divergence in a
-    long run, while a run that keeps failing before it recovers is stopped.
+    Bounded: within one emergency (from a cut at factor 1 until the factor is back at
+    1) the cuts compound at most ``max_cuts`` times; a further trigger is recorded but
+    leaves the factor where it is, rather than shrinking the LR to nothing. Stopping a
+    run that cannot make progress is the escalation's (``DivergenceError``), never this
+    policy's: faults separated by recovered, healthy stretches never add up.
 
     Args:
         factor: multiplier per cut (default 0.1, in (0, 1)).
-        grad_norm_threshold: total norm that triggers a cut (default 1000.0, ``> 0``).
-        loss_threshold: loss that triggers a cut (default 1e6, ``> 0``).
+        grad_norm_threshold: an absolute total norm that triggers a cut (default
+            ``None``: off; ``> 0``).
+        loss_threshold: an absolute loss that triggers a cut (default ``None``: off; ``> 0``).
         min_lr: the effective LR is never cut below this (default 0.0, ``>= 0``).
         cooldown_steps: steps after a cut during which triggers do not cut again
             (default 10, ``>= 0``).
         recovery_after_steps: healthy steps before recovery starts (default 20, ``>= 1``).
         recovery_every_steps: healthy steps between recovery increments (default 5, ``>= 1``).
         recovery_growth: factor multiplier per increment (default 2.0, ``> 1``).
-        max_emergencies: cuts allowed within one emergency (default 4, ``>= 1``).
-        min_triggers: triggers within ``trigger_window`` steps that make a cut, outside
-            an emergency (default 3, ``>= 1``; 1 cuts on every trigger).
+        max_cuts: cuts that compound within one emergency (default 4, ``>= 1``: the
+            factor never goes below ``factor ** max_cuts``, 1e-4 with the defaults).
+        min_triggers: absolute-threshold triggers within ``trigger_window`` steps that
+            make a cut, outside an emergency (default 3, ``>= 1``).
         trigger_window: steps over which triggers are counted (default 20, ``>= 1``).
     """
 
@@ -78,14 +71,14 @@ class EmergencyLR:
     def __init__(
         self,
         factor: float = 0.1,
-        grad_norm_threshold: float = 1000.0,
-        loss_threshold: float = 1e6,
+        grad_norm_threshold: float | None = None,
+        loss_threshold: float | None = None,
         min_lr: float = 0.0,
         cooldown_steps: int = 10,
         recovery_after_steps: int = 20,
         recovery_every_steps: int = 5,
         recovery_growth: float = 2.0,
-        max_emergencies: int = 4,
+        max_cuts: int = 4,
         min_triggers: int = 3,
         trigger_window: int = 20,
     ) -> None:
@@ -94,16 +87,8 @@ class EmergencyLR:
         )
         if self.cut_factor == 1.0:
             raise ValueError("factor must be < 1 (a cut), got 1.0")
-        self.grad_norm_threshold = check_float(
-            "grad_norm_threshold",
-            grad_norm_threshold,
-            minimum=0.0,
-            inclusive_min=False,
-            allow_inf=True,
-        )
-        self.loss_threshold = check_float(
-            "loss_threshold", loss_threshold, minimum=0.0, inclusive_min=False, allow_inf=True
-        )
+        self.grad_norm_threshold = _optional_threshold("grad_norm_threshold", grad_norm_threshold)
+        self.loss_threshold = _optional_threshold("loss_threshold", loss_threshold)
         self.min_lr = check_float("min_lr", min_lr, minimum=0.0)
         self.cooldown_steps = check_int("cooldown_steps", cooldown_steps, minimum=0)
         self.recovery_after_steps = check_int(
@@ -115,7 +100,7 @@ class EmergencyLR:
         self.recovery_growth = check_float(
             "recovery_growth", recovery_growth, minimum=1.0, inclusive_min=False
         )
-        self.max_emergencies = check_int("max_emergencies", max_emergencies, minimum=1)
+        self.max_cuts = check_int("max_cuts", max_cuts, minimum=1)
         self.min_triggers = check_int("min_triggers", min_triggers, minimum=1)
         self.trigger_window = check_int("trigger_window", trigger_window, minimum=1)
         self.recent_triggers: list[int] = []  # steps of the triggers within the window
@@ -129,16 +114,14 @@ class EmergencyLR:
         """True from a cut until the factor is back at 1."""
         return self.factor < 1.0
 
-    @property
-    def is_exhausted(self) -> bool:
-        """More than ``max_emergencies`` cuts within the current emergency."""
-        return self.emergency_cuts > self.max_emergencies
-
     def triggers(self, grad_norm: float, loss: float | None) -> dict[str, bool]:
-        """Which thresholds this step's (host) norm and loss are above."""
+        """Which absolute thresholds (if set) this step's host norm and loss are above."""
+        norm_limit, loss_limit = self.grad_norm_threshold, self.loss_threshold
         return {
-            "grad_norm_above_threshold": grad_norm > self.grad_norm_threshold,
-            "loss_above_threshold": loss is not None and loss > self.loss_threshold,
+            "grad_norm_above_threshold": norm_limit is not None and grad_norm > norm_limit,
+            "loss_above_threshold": (
+                loss_limit is not None and loss is not None and loss > loss_limit
+            ),
         }
 
     def update(
@@ -150,7 +133,7 @@ class EmergencyLR:
         trigger, e.g. an isolated loss spike) does not cut but is not a healthy step
         either: it restarts the recovery clock like a trigger in the cool-down does.
         ``immediate=True``: the trigger shows the update itself failing (non-finite
-        weights, a run of spikes) and cuts without waiting for ``min_triggers``.
+        weights, a state that keeps failing) and cuts without waiting for ``min_triggers``.
         """
         if trigger is None and not is_healthy:
             self.healthy_steps = 0
@@ -172,8 +155,10 @@ class EmergencyLR:
                 )
             old = self.factor
             self.emergency_cuts = self.emergency_cuts + 1 if self.in_emergency else 1
-            self.factor = old * self.cut_factor
             self.last_cut_step = step
+            if self.emergency_cuts > self.max_cuts:
+                return None  # the factor stays at its floor: the escalation decides the rest
+            self.factor = old * self.cut_factor
             return LRChange(
                 "lr_cut",
                 f"{trigger}: LR factor cut {old:.4g} -> {self.factor:.4g}",
@@ -220,7 +205,14 @@ class EmergencyLR:
 
     def __repr__(self) -> str:
         return (
-            f"EmergencyLR(factor={self.cut_factor:g}, grad_norm_threshold={self.grad_norm_threshold:g}, "
-            f"loss_threshold={self.loss_threshold:g}, max_emergencies={self.max_emergencies}, "
+            f"EmergencyLR(factor={self.cut_factor:g}, "
+            f"grad_norm_threshold={self.grad_norm_threshold!r}, "
+            f"loss_threshold={self.loss_threshold!r}, max_cuts={self.max_cuts}, "
             f"min_triggers={self.min_triggers}, trigger_window={self.trigger_window})"
         )
+
+
+def _optional_threshold(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    return check_float(name, value, minimum=0.0, inclusive_min=False, allow_inf=True)

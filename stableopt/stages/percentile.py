@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -100,6 +102,14 @@ class PercentileClip(HistoryClip):
             del self._ordered[bisect.bisect_left(self._ordered, self._past[0])]
         self._past.append(norm)
         bisect.insort(self._ordered, norm)
+
+    def rebase(self, level: Sequence[StepNumbers]) -> None:
+        """Start the history again from ``level`` (the norms of the run's new level)."""
+        self.count = 0
+        self._past.clear()
+        self._ordered.clear()
+        for numbers in level:
+            self.observe(dataclasses.replace(numbers, is_accepted=True))
 
     def _initial_history(self) -> dict[str, Tensor]:
         return {

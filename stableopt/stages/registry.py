@@ -74,8 +74,9 @@ def resolve_clip(clip: Any) -> ClipPolicy | None:
 #: (name, observe, state_dict, load_state_dict): the members the pipeline uses.
 STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
     "emergency_clip": ("limit", "threshold", "skip_above"),
-    "spike": ("bound", "watches", "zscore", "clear", "cut_after", "rollback_after", "z_threshold"),
-    "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency", "is_exhausted"),
+    "escalation": ("next",),
+    "spike": ("bound", "watches", "zscore", "z_threshold"),
+    "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency"),
     "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
     "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
 }

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,6 +16,11 @@ from stableopt.stages.base import StepNumbers
 from stableopt.stages.clip import HistoryClip
 
 __all__ = ["ZScoreClip"]
+
+#: The default eps, relative to the EMA mean of the norms (zclip's absolute 1e-6 at norm 1).
+_RELATIVE_EPS = 1e-6
+#: Keeps a z-score finite when every norm so far was 0.
+_TINY = 1e-300
 
 
 class ZScoreClip(HistoryClip):
@@ -52,7 +59,9 @@ class ZScoreClip(HistoryClip):
         warmup_steps: accepted steps collected before clipping starts (default 25, ``>= 1``).
         clip_factor: multiplier of the spike threshold (default 1.0, ``> 0``; zclip
             suggests 0.5-0.9 for more aggressive clipping).
-        eps: added to the standard deviation in the z-score (default 1e-6, ``> 0``).
+        eps: added to the standard deviation in the z-score (default ``None``: 1e-6 times
+            the EMA mean, so the rule is the same whatever the size of the norms; a number:
+            that absolute value, ``> 0``, zclip's own is 1e-6).
         min_norm: floor of the max norm (default ``None``: none, ``>= 0``).
         max_norm: cap of the max norm, also applied during warm-up (default ``None``:
             none, ``> 0``; zclip's own default is 1.0).
@@ -66,7 +75,7 @@ class ZScoreClip(HistoryClip):
         z_thresh: float = 2.5,
         warmup_steps: int = 25,
         clip_factor: float = 1.0,
-        eps: float = 1e-6,
+        eps: float | None = None,
         min_norm: float | None = None,
         max_norm: float | None = None,
     ) -> None:
@@ -75,7 +84,9 @@ class ZScoreClip(HistoryClip):
         self.z_thresh = check_float("z_thresh", z_thresh, minimum=0.0, inclusive_min=False)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, minimum=1)
         self.clip_factor = check_float("clip_factor", clip_factor, minimum=0.0, inclusive_min=False)
-        self.eps = check_float("eps", eps, minimum=0.0, inclusive_min=False)
+        self.absolute_eps = (
+            None if eps is None else check_float("eps", eps, minimum=0.0, inclusive_min=False)
+        )
         self.count = 0  # accepted finite norms so far (warm-up ends at warmup_steps)
         self.warmup_norms: list[float] = []
         self.mean = 0.0
@@ -89,6 +100,13 @@ class ZScoreClip(HistoryClip):
     def _spike_bound(self) -> float:
         """The norm above which ``z > z_thresh``: ``mu + z_thresh (sigma + eps)``."""
         return self.mean + self.z_thresh * (math.sqrt(self.var) + self.eps)
+
+    @property
+    def eps(self) -> float:
+        """The ``eps`` in force: the absolute one given, else 1e-6 of the EMA mean."""
+        if self.absolute_eps is not None:
+            return self.absolute_eps
+        return max(_RELATIVE_EPS * abs(self.mean), _TINY)
 
     def _spike_threshold(self, norm: Num) -> Num:
         """zclip's threshold for a spike of ``norm`` (its arithmetic, term by term)."""
@@ -122,6 +140,12 @@ class ZScoreClip(HistoryClip):
         self.mean = self.alpha * self.mean + (1 - self.alpha) * effective
         self.var = self.alpha * self.var + (1 - self.alpha) * (effective - self.mean) ** 2
 
+    def rebase(self, level: Sequence[StepNumbers]) -> None:
+        """Start the warm-up again from ``level`` (the norms of the run's new level)."""
+        self.count, self.warmup_norms, self.mean, self.var = 0, [], 0.0, 0.0
+        for numbers in level:
+            self.observe(dataclasses.replace(numbers, is_accepted=True))
+
     def _initial_history(self) -> dict[str, Tensor]:
         return {
             "count": torch.zeros((), dtype=torch.int64),
@@ -152,5 +176,5 @@ class ZScoreClip(HistoryClip):
         return (
             f"ZScoreClip(alpha={self.alpha:g}, z_thresh={self.z_thresh:g}, "
             f"warmup_steps={self.warmup_steps}, clip_factor={self.clip_factor:g}, "
-            f"eps={self.eps:g}, {self._bounds_repr()})"
+            f"eps={self.absolute_eps!r}, {self._bounds_repr()})"
         )
