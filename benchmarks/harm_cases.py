@@ -59,7 +59,7 @@ def _mlp(
     name: str, description: str, optimizer: str, lr: float, schedule: str, **kw: Any
 ) -> HarmCase:
     options = {k: kw.pop(k) for k in list(kw) if k in ("batch_size", "output_scale", "t_noise")}
-    return HarmCase(name, description, Regression, options, optimizer, lr, schedule, 400, **kw)
+    return HarmCase(name, description, Regression, options, optimizer, lr, schedule, 1000, **kw)
 
 
 CASES: tuple[HarmCase, ...] = (
@@ -141,13 +141,13 @@ CASES: tuple[HarmCase, ...] = (
     HarmCase(
         "gauss-rprop-max",
         "MLP mean + log-variance, Gaussian log-likelihood maximised with Rprop(maximize=True), "
-        "full batch of 256: the gradient norm grows ~20x over the run",
+        "full batch of 256: the gradient norm grows all run (median per 100 steps 1.3 -> 9.7)",
         GaussianLikelihood,
         {"min_var": 1e-6},
         "rprop-maximize",
         1e-2,
         "none",
-        400,
+        1000,
         feed="observe",
         hard=True,
     ),
@@ -160,7 +160,7 @@ CASES: tuple[HarmCase, ...] = (
         "sgd-nesterov",
         5e-2,
         "cosine",
-        300,
+        800,
         hard=True,
     ),
     HarmCase(
@@ -171,7 +171,7 @@ CASES: tuple[HarmCase, ...] = (
         "adamw-fused",
         3e-3,
         "cosine",
-        300,
+        800,
     ),
     HarmCase(
         "cnn-bn-b8-adam",
@@ -181,7 +181,7 @@ CASES: tuple[HarmCase, ...] = (
         "adam",
         1e-3,
         "constant",
-        300,
+        800,
     ),
     HarmCase(
         "lstm-adam",
@@ -191,7 +191,7 @@ CASES: tuple[HarmCase, ...] = (
         "adam",
         3e-3,
         "cosine",
-        300,
+        800,
         hard=True,
     ),
     HarmCase(
@@ -202,7 +202,7 @@ CASES: tuple[HarmCase, ...] = (
         "sgd-momentum",
         0.5,
         "constant",
-        300,
+        800,
     ),
     HarmCase(
         "charlm-adamw",
@@ -212,7 +212,7 @@ CASES: tuple[HarmCase, ...] = (
         "adamw-foreach",
         3e-3,
         "cosine",
-        300,
+        800,
         hard=True,
     ),
     HarmCase(
@@ -223,7 +223,7 @@ CASES: tuple[HarmCase, ...] = (
         "adamw-fused",
         3e-3,
         "constant",
-        300,
+        800,
     ),
     HarmCase(
         "charlm-b2-adam",
@@ -233,7 +233,7 @@ CASES: tuple[HarmCase, ...] = (
         "adam",
         1e-3,
         "cosine",
-        300,
+        800,
         hard=True,
     ),
     HarmCase(
@@ -244,7 +244,7 @@ CASES: tuple[HarmCase, ...] = (
         "adamw-foreach",
         3e-3,
         "cosine",
-        300,
+        800,
         reduction="sum",
     ),
 )
