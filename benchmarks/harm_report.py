@@ -78,7 +78,8 @@ def format_markdown(result: HarmResult) -> str:
         "Targets per configuration: no death (no `DivergenceError`, finite final loss), 0 "
         "rollbacks, 0 LR cuts, at most 0.5% of steps skipped in every seed, median final "
         f"held-out loss at most {MAX_RATIO}x plain X's. **Bold** configurations are the ones "
-        "known to trip today's absolute defaults. A run that died counts as ratio inf.",
+        "expected (before any run) to trip absolute defaults; the table says which do. "
+        "A run that died counts as ratio inf.",
         "",
         "## Verdict",
         "",
@@ -141,6 +142,9 @@ def plot_harm(result: HarmResult, path: str | Path) -> str | None:
     top.axhline(MAX_RATIO, color="grey", linestyle="--", linewidth=1)
     top.set_yscale("log")
     top.set_ylim(0.8, ceiling * 1.05)
+    ticks = [0.8, 0.9, 1.0, 1.2, 1.5, 2.0]
+    top.set_yticks(ticks, [f"{t:g}" for t in ticks[:-1]] + [">=2 / died"])
+    top.minorticks_off()
     top.set_ylabel("held-out loss, safe / plain\n(per seed; x = died; bar = median)")
     top.set_title("Do-no-harm: SafeOptimizer(X) vs plain X on healthy runs (red: targets missed)")
     skipped = [100 * s.skipped_share for s in summaries]
