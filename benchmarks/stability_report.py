@@ -41,6 +41,7 @@ HEADLINE = (
 )
 SURVIVE_WITHIN = 1.05  # SafeOptimizer's target: every scenario within 5% of the clean run
 CLEAN_WITHIN = 0.01  # and on the clean scenario within 1% of plain AdamW
+BETTER_BY = 0.001  # a method beats SafeOptimizer in a cell by more than seed noise's rounding
 
 
 def _fmt_cell(cell: Cell | None) -> str:
@@ -197,7 +198,7 @@ def format_markdown(result: StabilityResult) -> str:
 
 def _where_others_do_better(cells: list[Cell], rows: list[tuple[str, str]]) -> list[str]:
     """The cells where a baseline or a peer beats SafeOptimizer (defaults): fewer diverged
-    seeds, or as few and a lower median loss ratio."""
+    seeds, or as few and a median loss ratio lower by more than 0.1%."""
     index = {(c.family, c.scenario, c.method): c for c in cells}
     found = []
     for family, scenario in rows:
@@ -209,7 +210,9 @@ def _where_others_do_better(cells: list[Cell], rows: list[tuple[str, str]]) -> l
             if m == "safe" or other is None:
                 continue
             fewer = other.diverged < safe.diverged
-            lower = other.diverged == safe.diverged and other.ratio_median < safe.ratio_median
+            lower = other.diverged == safe.diverged and other.ratio_median < safe.ratio_median * (
+                1 - BETTER_BY
+            )
             if fewer or lower:
                 found.append(
                     f"- {family}/{scenario}: **{m}** {_fmt_cell(other)} vs safe {_fmt_cell(safe)}"
@@ -220,7 +223,7 @@ def _where_others_do_better(cells: list[Cell], rows: list[tuple[str, str]]) -> l
     return [
         heading,
         "",
-        "Fewer diverged seeds, or as few and a lower median loss ratio (any margin):",
+        "Fewer diverged seeds, or as few and a median loss ratio lower by more than 0.1%:",
         "",
         *found,
     ]
