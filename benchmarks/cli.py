@@ -1,9 +1,12 @@
 """The benchmark command: ``python -m stableopt bench ...`` (or ``python -m benchmarks ...``).
 
 The benchmarks live beside the package, in the source checkout, and are not
-installed with it. Without a flag the stability benchmark runs; ``--perf`` runs the
-per-step overhead benchmark. Heavy imports happen inside the handlers, so
-``--help`` stays fast.
+installed with it. Without a mode flag the stability benchmark runs; ``--harm`` runs
+the do-no-harm benchmark (:mod:`benchmarks.harm`), ``--lr-sweep`` the LR-sensitivity
+sweep (:mod:`benchmarks.lr_sweep`) and ``--perf`` the per-step overhead benchmark; the
+modes are mutually exclusive. ``--quick``, ``--out``, ``--seeds``, ``--steps``,
+``--jobs`` and ``--no-progress`` are shared; each mode has its own option group. The
+benchmarks run themselves inside the handlers.
 """
 
 from __future__ import annotations
@@ -38,24 +41,54 @@ def build_parser(prog: str = "python -m stableopt bench") -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(
         prog=prog,
         description=(
-            "Without --perf: the stability benchmark (plain AdamW, hand-written guards, ZClip, "
-            "AutoClip, OLMo-core SkipStepAdamW and SafeOptimizer with each stage off in turn, "
-            "under injected faults); writes stability.md, .csv and .png to --out. "
+            "Without a mode flag: the stability benchmark (plain AdamW, hand-written guards, "
+            "ZClip, AutoClip, OLMo-core SkipStepAdamW, ARC, StabilityGuard and SafeOptimizer "
+            "with each stage off in turn, under injected faults); writes stability.md, .csv and "
+            ".png to --out. "
+            "--harm: the do-no-harm benchmark (plain X vs SafeOptimizer(X) on healthy "
+            "configurations: deaths, skips, rollbacks, LR cuts, loss ratio); writes harm.*. "
+            "--lr-sweep: the LR-sensitivity sweep (final loss against the learning rate per "
+            "method, and the sensitivity of Wortsman et al. 2023); writes lr_sweep.*. "
             "--perf: per-step time and peak memory of SafeOptimizer(X) (defaults, each stage alone, "
             "each clip policy) against X + clip_grad_norm_ and bare X, for SGD, Adam and AdamW in "
             "their for-loop, foreach and fused versions, measured interleaved in one process. "
             "Writes perf-<device>.md and .csv to --out and prints the Markdown."
         ),
     )
-    parser.add_argument(
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
         "--perf", action="store_true", help="run the overhead benchmark (time and memory per step)"
     )
-    perf = parser.add_argument_group("--perf options")
-    perf.add_argument(
+    mode.add_argument(
+        "--harm", action="store_true", help="run the do-no-harm benchmark (healthy training)"
+    )
+    mode.add_argument("--lr-sweep", action="store_true", help="run the LR-sensitivity sweep")
+    common = parser.add_argument_group("options of every benchmark")
+    common.add_argument(
         "--quick",
         action="store_true",
-        help="a 100k-parameter model and few rounds: seconds, for a check (writes perf-<device>-quick.*)",
+        help="a small version for a check, seconds to a minute (writes <name>-quick.*)",
     )
+    common.add_argument("--out", default="results", help="output folder (default results/)")
+    common.add_argument(
+        "--seeds", type=_int_at_least(1), default=None, help="seeds per cell (default 3)"
+    )
+    common.add_argument(
+        "--steps",
+        type=_int_at_least(10),
+        default=None,
+        help="training steps of every run (default each family's / configuration's / task's own)",
+    )
+    common.add_argument(
+        "--jobs",
+        type=_int_at_least(1),
+        default=None,
+        help="worker processes (default 2; 1 with --quick)",
+    )
+    common.add_argument(
+        "--no-progress", action="store_true", help="no progress bar / progress lines"
+    )
+    perf = parser.add_argument_group("--perf options")
     perf.add_argument(
         "--sizes",
         type=_sizes,
@@ -101,8 +134,9 @@ def build_parser(prog: str = "python -m stableopt bench") -> argparse.ArgumentPa
         default=None,
         help="where to measure (default cuda when available, else cpu)",
     )
-    perf.add_argument("--out", default="results", help="output folder (default results/)")
     _add_stability_options(parser)
+    _add_harm_options(parser)
+    _add_sweep_options(parser)
     parser.add_argument(
         "-v",
         "--verbose",
@@ -140,7 +174,110 @@ def _choices(*accepted: str) -> Callable[[str], tuple[str, ...]]:
 def _run_bench(args: argparse.Namespace) -> int:
     if args.perf:
         return _run_perf(args)
+    if args.harm:
+        return _run_harm(args)
+    if args.lr_sweep:
+        return _run_sweep(args)
     return _run_stability(args)
+
+
+def _shared(args: argparse.Namespace, chosen: dict[str, Any]) -> dict[str, Any]:
+    """``chosen`` with --seeds, --jobs and --steps where given."""
+    for name in ("seeds", "jobs", "steps"):
+        if getattr(args, name, None) is not None:
+            chosen[name] = getattr(args, name)
+    return chosen
+
+
+def _add_harm_options(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.harm_cases import CASES
+
+    names = [case.name for case in CASES]
+    group = parser.add_argument_group("--harm options")
+    group.add_argument(
+        "--configs",
+        type=_choices(*names),
+        default=None,
+        help=f"healthy configurations, comma-separated, of {','.join(names)} (default all)",
+    )
+
+
+def _run_harm(args: argparse.Namespace) -> int:
+    from benchmarks.harm import QUICK_CASES, HarmConfig, run_harm
+    from benchmarks.harm_report import format_markdown, write_results
+
+    chosen: dict[str, Any] = (
+        {"cases": QUICK_CASES, "seeds": 1, "steps": 60, "jobs": 1} if args.quick else {}
+    )
+    if args.configs is not None:
+        chosen["cases"] = args.configs
+    result = run_harm(HarmConfig(**_shared(args, chosen)), progress=not args.no_progress)
+    result.command = "python -m stableopt " + shlex.join(args.argv)
+    written = write_results(result, args.out, "harm-quick" if args.quick else "harm")
+    print(format_markdown(result))
+    print(f"(wrote {', '.join(written)}; {result.seconds:.0f} s)")
+    return 0
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.lr_sweep import SCHEDULES, SWEEP_METHODS, TASKS
+
+    group = parser.add_argument_group("--lr-sweep options")
+    group.add_argument(
+        "--tasks",
+        type=_choices(*TASKS),
+        default=None,
+        help=f"comma-separated, of {','.join(TASKS)} (default all)",
+    )
+    group.add_argument(
+        "--schedules",
+        type=_choices(*SCHEDULES),
+        default=None,
+        help=f"comma-separated, of {','.join(SCHEDULES)} (default both)",
+    )
+    group.add_argument(
+        "--sweep-methods",
+        type=_choices(*SWEEP_METHODS),
+        default=None,
+        help=f"comma-separated, of {','.join(SWEEP_METHODS)} (default all)",
+    )
+    group.add_argument(
+        "--lrs",
+        type=_floats,
+        default=None,
+        help="learning rates, comma-separated (default each task's own grid)",
+    )
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive numbers, comma-separated, got {text!r}")
+    return tuple(sorted(set(values)))
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from benchmarks.lr_sweep import QUICK, SweepConfig, run_sweep
+    from benchmarks.lr_sweep_report import format_markdown, write_results
+
+    chosen: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for option, name in (
+        ("tasks", "tasks"),
+        ("schedules", "schedules"),
+        ("sweep_methods", "methods"),
+        ("lrs", "lrs"),
+    ):
+        if getattr(args, option) is not None:
+            chosen[name] = getattr(args, option)
+    result = run_sweep(SweepConfig(**_shared(args, chosen)), progress=not args.no_progress)
+    result.command = "python -m stableopt " + shlex.join(args.argv)
+    written = write_results(result, args.out, "lr_sweep-quick" if args.quick else "lr_sweep")
+    print(format_markdown(result))
+    print(f"(wrote {', '.join(written)}; {result.seconds:.0f} s)")
+    return 0
 
 
 def _run_stability(args: argparse.Namespace) -> int:
@@ -167,7 +304,7 @@ def _run_stability(args: argparse.Namespace) -> int:
 def _add_stability_options(parser: argparse.ArgumentParser) -> None:
     from benchmarks.stability import FAMILIES, METHODS, SCENARIOS
 
-    group = parser.add_argument_group("stability options (plain `bench`; --quick and --out too)")
+    group = parser.add_argument_group("stability options (plain `bench`)")
     group.add_argument(
         "--scenarios",
         type=_choices(*SCENARIOS),
@@ -185,24 +322,6 @@ def _add_stability_options(parser: argparse.ArgumentParser) -> None:
         type=_choices(*FAMILIES),
         default=None,
         help="model families, comma-separated, of mlp,lm (default both)",
-    )
-    group.add_argument(
-        "--seeds", type=_int_at_least(1), default=None, help="seeds per cell (default 3)"
-    )
-    group.add_argument(
-        "--steps",
-        type=_int_at_least(10),
-        default=None,
-        help="training steps for every family (default mlp 80, lm 50)",
-    )
-    group.add_argument(
-        "--jobs",
-        type=_int_at_least(1),
-        default=None,
-        help="worker processes (default 2; 1 with --quick)",
-    )
-    group.add_argument(
-        "--no-progress", action="store_true", help="no progress bar / progress lines"
     )
 
 

@@ -3,8 +3,8 @@
 ``python -m stableopt bench`` trains small models under each *scenario* (a fault, a
 bad setting or an awkward task: :mod:`benchmarks.stability_scenarios`) with each
 *method* (plain AdamW, AdamW with the usual hand-written guards, ZClip, AutoClip,
-OLMo-core's SkipStepAdamW, SafeOptimizer with defaults and with each stage off in
-turn: :mod:`benchmarks.stability_methods`), on the same seeds, weights and data
+OLMo-core's SkipStepAdamW, the peers ARC and StabilityGuard, SafeOptimizer with
+defaults and with each stage off in turn: :mod:`benchmarks.stability_methods`), on the same seeds, weights and data
 order, and records the final held-out loss as a ratio to plain AdamW on the
 fault-free run of the same task and seed. This module runs them;
 :mod:`benchmarks.stability_report` writes the results and
@@ -16,7 +16,11 @@ made here, at the same point of the step: ``inf_loss`` on the LM sets one logit
 to ``+inf`` (an fp16-style overflow on a bad batch), ``poison_batch`` on the LM
 gives the batch random targets with a loss weight of ``poison_scale`` (a
 mislabelled batch with a broken sample weight: huge but finite gradients), and
-``grad_spike`` multiplies the gradients by a per-step factor in [1e3, 1e6].
+``grad_spike`` multiplies the gradients by a per-step factor in [1e3, 1e6] (a fixed
+factor where the scenario sets ``spike_factor``: ``grad_x1e4_every6``). Recurring
+faults (``nan_grad_every7``, ``grad_x1e4_every6``) hit every k-th step; a loss-scale
+stage (``loss_x1e4_from40``) sets the loss weight of the steps after 40% of the run to
+1e4, on the training loss only: the held-out loss is always the task's own, unscaled.
 """
 
 from __future__ import annotations
@@ -95,10 +99,13 @@ class RunRecord:
 
 
 class _Injector(FaultInjector):
-    """:class:`FaultInjector` plus a per-step spike factor in [1e3, 1e6]."""
+    """:class:`FaultInjector` plus a per-step spike factor in [1e3, 1e6] (unless
+    ``fixed_spikes``: then the schedule's own ``spike_factor``)."""
+
+    fixed_spikes = False
 
     def corrupt_grads(self, params: Iterable[Tensor]) -> None:
-        if self.fault != "grad_spike":
+        if self.fault != "grad_spike" or self.fixed_spikes:
             super().corrupt_grads(params)
             return
         step = self._step
@@ -158,15 +165,18 @@ def run_one(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         runner.optimizer, _lr_multiplier(scenario.lr_schedule, steps)
     )
+    runner.attach_scheduler(scheduler)
     schedule = scenario.schedule(steps, seed) if family.name in scenario.families else None
     schedule = schedule or FaultSchedule()
     is_lm = isinstance(task, TokenTask)
     error = ""
-    with _Injector(schedule, runner.optimizer, seed=seed) as injector:
+    injector = _Injector(schedule, runner.optimizer, seed=seed)
+    injector.fixed_spikes = scenario.spike_factor is not None
+    with injector:
         for step in range(1, steps + 1):
             fault = injector.begin_step(step)
             x, y = task.batch(step)
-            loss_module.weight = 1.0
+            loss_module.weight = scenario.loss_weight(step, steps)
             if not is_lm:
                 x, y = injector.corrupt_batch(x, y)
             elif fault == "poison_batch":
@@ -188,8 +198,9 @@ def run_one(
                 error = f"DivergenceError at step {step}: {str(exc).splitlines()[0][:120]}"
                 break
             scheduler.step()
-    held_out = _held_out(model, task, family.base_loss)
+    held_out = _held_out(model, task, family.base_loss)  # unweighted: the task's own loss
     skipped, rollbacks, cuts = runner.counters()
+    runner.close()
     return RunRecord(
         family.name,
         scenario.name,
@@ -258,7 +269,9 @@ def _run_job(
     """One run, in a worker process."""
     import logging
 
-    logging.getLogger("stableopt").setLevel(logging.ERROR)  # events are counted, not printed
+    # Events are counted, not printed (ours and the peers' loggers alike).
+    for name in ("stableopt", "arc", "stabilityguard"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     torch.set_num_threads(threads)
     family, scenario = FAMILIES[family_name], SCENARIOS[scenario_name]
     return run_one(family, scenario, METHODS[method_name], seed, steps)

@@ -2,8 +2,14 @@
 
 Each method is a runner class: its optimizer, its loss and what one step does.
 The baselines are plain AdamW, AdamW with ``clip_grad_norm_(1.0)`` (and with a skip
-of non-finite steps), ZClip, AutoClip and OLMo-core's SkipStepAdamW; then
-SafeOptimizer with defaults, and with one stage off at a time (the ablation).
+of non-finite steps), ZClip, AutoClip and OLMo-core's SkipStepAdamW; the peers, two
+tools a user would pick instead, each wired as its README shows: ARC (the
+``arc-training`` package: ``arc.Controller(model, optimizer, scheduler=...)``,
+``action = controller.step(loss)`` after ``backward``, ``optimizer.step()`` unless
+``action.should_skip``) and StabilityGuard (``GuardedOptimizer(AdamW, model)`` with
+its defaults, whose ``step()`` skips a step on a NaN or a 10x per-layer gradient
+spike); then SafeOptimizer with defaults, and with one stage off at a time (the
+ablation).
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ __all__ = [
     "ABLATIONS",
     "BASELINES",
     "METHODS",
+    "PEERS",
+    "arc_status",
     "olmo_status",
+    "stabilityguard_status",
     "unavailable_methods",
     "zclip_status",
 ]
@@ -65,6 +74,12 @@ class _Runner:
     def counters(self) -> tuple[int, int, int]:
         """(steps skipped, rollbacks, LR cuts)."""
         return self.skipped, 0, 0
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """The run's LR scheduler, built on :attr:`optimizer` (for tools that adjust it)."""
+
+    def close(self) -> None:
+        """Release what the method holds (hooks, threads, files) after the run."""
 
 
 class _Plain(_Runner):
@@ -143,6 +158,78 @@ class _Olmo(_Runner):
         self.skipped += int(float(opt.step_skipped))
 
 
+class _Arc(_Runner):
+    """ARC (``arc-training``), its README's loop. The run's ``LambdaLR`` is handed to the
+    controller, as its configuration section shows for runs with a scheduler, so that
+    ARC's LR cuts scale the scheduler's base LRs instead of being overwritten by it.
+    ``verbose=False`` only silences its log lines."""
+
+    name = "arc"
+
+    def __init__(self, model: nn.Module, lr: float, loss: _WeightedLoss) -> None:
+        super().__init__(model, lr, loss)
+        self.controller: Any = None
+        self.rollbacks = 0
+        self.cuts = 0
+
+    def attach_scheduler(self, scheduler: Any) -> None:
+        import arc
+
+        self.controller = arc.Controller(
+            self.model, self.optimizer, scheduler=scheduler, verbose=False
+        )
+
+    def step(self, loss: Tensor) -> None:
+        if self.controller is None:
+            self.attach_scheduler(None)
+        action = self.controller.step(loss)
+        self.rollbacks += int(action.rolled_back)
+        self.cuts += int(action.lr_reduced)
+        if action.should_skip:
+            self.skipped += 1
+            return
+        self.optimizer.step()
+
+    def counters(self) -> tuple[int, int, int]:
+        return self.skipped, self.rollbacks, self.cuts
+
+    def close(self) -> None:
+        if self.controller is not None:
+            self.controller.close()
+
+
+class _StabilityGuard(_Runner):
+    """StabilityGuard's ``GuardedOptimizer(AdamW, model)`` with its README defaults
+    (``spike_threshold=10.0``, ``nan_action="skip"``). Its spike reports go to a
+    temporary folder instead of ``./sg_logs`` and its box-drawn alerts (always printed)
+    to nowhere; ``verbose=False`` only silences the periodic summary line."""
+
+    name = "stabilityguard"
+
+    def __init__(self, model: nn.Module, lr: float, loss: _WeightedLoss) -> None:
+        import tempfile
+
+        from stabilityguard import GuardedOptimizer
+
+        super().__init__(model, lr, loss)
+        self._logs = tempfile.TemporaryDirectory(prefix="sg_logs_")
+        self.guard = GuardedOptimizer(self.optimizer, model, log_dir=self._logs.name, verbose=False)
+
+    def step(self, loss: Tensor) -> None:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.guard.step()
+
+    def counters(self) -> tuple[int, int, int]:
+        return int(self.guard.total_skips), 0, 0
+
+    def close(self) -> None:
+        self.guard.close()
+        self._logs.cleanup()
+
+
 class _Safe(_Runner):
     name = "safe"
     options: dict[str, Any] = {}
@@ -175,6 +262,7 @@ def _safe_variant(name: str, **options: Any) -> type[_Runner]:
 
 
 BASELINES: tuple[type[_Runner], ...] = (_Plain, _Clip, _ClipSkip, _ZClip, _AutoClip, _Olmo)
+PEERS: tuple[type[_Runner], ...] = (_Arc, _StabilityGuard)
 ABLATIONS: tuple[type[_Runner], ...] = (
     _safe_variant("safe-no_clip", clip=None),
     _safe_variant("safe-no_spike", spike=None),
@@ -183,7 +271,7 @@ ABLATIONS: tuple[type[_Runner], ...] = (
     _safe_variant("safe-no_rollback", rollback=None),
     _safe_variant("safe-check_weights_off", check_weights="off"),
 )
-_ALL: tuple[type[_Runner], ...] = (*BASELINES, _Safe, *ABLATIONS)
+_ALL: tuple[type[_Runner], ...] = (*BASELINES, *PEERS, _Safe, *ABLATIONS)
 METHODS: dict[str, type[_Runner]] = {m.name: m for m in _ALL}
 
 
@@ -209,7 +297,42 @@ def zclip_status() -> str | None:
     return None
 
 
+def arc_status() -> str | None:
+    """``None`` when ARC (``arc-training``) can be used here, else why not."""
+    try:
+        import arc
+
+        model = nn.Linear(2, 1)
+        arc.Controller(model, torch.optim.AdamW(model.parameters()), verbose=False).close()
+    except Exception as error:
+        return f"{type(error).__name__}: {error} (pip install --no-deps arc-training)"
+    return None
+
+
+def stabilityguard_status() -> str | None:
+    """``None`` when StabilityGuard can be used here, else why not."""
+    try:
+        import tempfile
+
+        from stabilityguard import GuardedOptimizer
+
+        model = nn.Linear(2, 1)
+        with tempfile.TemporaryDirectory() as folder:
+            GuardedOptimizer(
+                torch.optim.AdamW(model.parameters()), model, log_dir=folder, verbose=False
+            ).close()
+    except Exception as error:
+        return f"{type(error).__name__}: {error} (pip install --no-deps stabilityguard)"
+    return None
+
+
 def unavailable_methods() -> dict[str, str]:
-    """Baselines whose package is missing here (``pip install -e ".[bench]"``), and why."""
-    status = {"olmo-skipstep": olmo_status(), "zclip": zclip_status()}
+    """Baselines and peers whose package is missing here, and why (see
+    ``benchmarks/requirements*.txt``)."""
+    status = {
+        "olmo-skipstep": olmo_status(),
+        "zclip": zclip_status(),
+        "arc": arc_status(),
+        "stabilityguard": stabilityguard_status(),
+    }
     return {method: why for method, why in status.items() if why is not None}

@@ -28,9 +28,20 @@ __all__ = [
 
 # -- report -----------------------------------------------------------------------
 
-HEADLINE = ("adamw", "adamw+clip", "adamw+clip+skip", "zclip", "autoclip", "olmo-skipstep", "safe")
+HEADLINE = (
+    "adamw",
+    "adamw+clip",
+    "adamw+clip+skip",
+    "zclip",
+    "autoclip",
+    "olmo-skipstep",
+    "arc",
+    "stabilityguard",
+    "safe",
+)
 SURVIVE_WITHIN = 1.05  # SafeOptimizer's target: every scenario within 5% of the clean run
 CLEAN_WITHIN = 0.01  # and on the clean scenario within 1% of plain AdamW
+BETTER_BY = 0.001  # a method beats SafeOptimizer in a cell by more than seed noise's rounding
 
 
 def _fmt_cell(cell: Cell | None) -> str:
@@ -114,6 +125,12 @@ def format_markdown(result: StabilityResult) -> str:
         "defaults; `autoclip` = clip to the 10th percentile of all past norms; "
         "`olmo-skipstep` = OLMo-core's `SkipStepAdamW` fed the loss and the pre-clip norm "
         "after `clip_grad_norm_(1.0)`, as its trainer does",
+        "- peers (tools a user would pick instead, wired as their READMEs show): `arc` = "
+        "`arc-training`'s `arc.Controller(model, optimizer, scheduler=scheduler)`, "
+        "`action = controller.step(loss)` after `backward()`, `optimizer.step()` unless "
+        "`action.should_skip` (its defaults: rollback + LR x0.5 on a detected failure); "
+        "`stabilityguard` = `GuardedOptimizer(AdamW, model)` with its defaults (skip a step "
+        "on NaN/Inf or a 10x per-layer gradient-norm spike against an EMA baseline)",
         *(f"- **{m} not run**: {why}" for m, why in result.unavailable.items()),
         "",
         "Each cell: final held-out loss / held-out loss of plain AdamW on the clean run of the "
@@ -141,6 +158,7 @@ def format_markdown(result: StabilityResult) -> str:
         "",
     ]
     lines += _table(cells, HEADLINE, rows)
+    lines += ["", *_where_others_do_better(cells, rows)]
     lines += ["", "## Ablation: SafeOptimizer with one stage off (loss ratio)", ""]
     lines += _table(cells, ["safe"] + [m.name for m in ABLATIONS], rows)
     lines += [
@@ -150,7 +168,15 @@ def format_markdown(result: StabilityResult) -> str:
     ]
     index = {(c.family, c.scenario, c.method): c for c in cells}
     counted = [
-        m for m in ("adamw+clip+skip", "olmo-skipstep", "safe", *[a.name for a in ABLATIONS])
+        m
+        for m in (
+            "adamw+clip+skip",
+            "olmo-skipstep",
+            "arc",
+            "stabilityguard",
+            "safe",
+            *[a.name for a in ABLATIONS],
+        )
     ]
     counted = [m for m in counted if any(c.method == m for c in cells)]
     lines += [
@@ -168,6 +194,39 @@ def format_markdown(result: StabilityResult) -> str:
         lines += ["", "## DivergenceErrors", ""]
         lines += [f"- {f}/{s}/{m}: {e}" for f, s, m, e in errors[:40]]
     return "\n".join(lines) + "\n"
+
+
+def _where_others_do_better(cells: list[Cell], rows: list[tuple[str, str]]) -> list[str]:
+    """The cells where a baseline or a peer beats SafeOptimizer (defaults): fewer diverged
+    seeds, or as few and a median loss ratio lower by more than 0.1%."""
+    index = {(c.family, c.scenario, c.method): c for c in cells}
+    found = []
+    for family, scenario in rows:
+        safe = index.get((family, scenario, "safe"))
+        if safe is None:
+            continue
+        for m in HEADLINE:
+            other = index.get((family, scenario, m))
+            if m == "safe" or other is None:
+                continue
+            fewer = other.diverged < safe.diverged
+            lower = other.diverged == safe.diverged and other.ratio_median < safe.ratio_median * (
+                1 - BETTER_BY
+            )
+            if fewer or lower:
+                found.append(
+                    f"- {family}/{scenario}: **{m}** {_fmt_cell(other)} vs safe {_fmt_cell(safe)}"
+                )
+    heading = "## Where another method does better than SafeOptimizer (defaults)"
+    if not found:
+        return [heading, "", "Nowhere: in every cell SafeOptimizer is at least as good."]
+    return [
+        heading,
+        "",
+        "Fewer diverged seeds, or as few and a median loss ratio lower by more than 0.1%:",
+        "",
+        *found,
+    ]
 
 
 def _cpu_count() -> int:

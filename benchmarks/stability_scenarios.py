@@ -147,14 +147,34 @@ class Scenario:
     lr_schedule: str = "cosine"
     #: training steps per family, where this scenario needs its own run length
     steps: dict[str, int] = field(default_factory=dict)
+    #: the fault hits every ``every``-th step (7, 14, ...) instead of ``rate`` of them
+    every: int = 0
+    #: ``grad_spike`` multiplies by this fixed factor (default: a random one in [1e3, 1e6])
+    spike_factor: float | None = None
+    #: ``(share, factor)``: from ``share`` of the run to its end the training loss is
+    #: multiplied by ``factor`` (a re-weighting / curriculum stage); held-out loss unscaled
+    loss_scale: tuple[float, float] | None = None
+
+    def loss_weight(self, step: int, steps: int) -> float:
+        """The training loss's multiplier at ``step`` (1 outside a ``loss_scale`` stage)."""
+        if self.loss_scale is None:
+            return 1.0
+        share, factor = self.loss_scale
+        return factor if step > share * steps else 1.0
 
     def schedule(self, steps: int, seed: int) -> FaultSchedule:
-        """The fault steps of a ``steps``-step run with ``seed``: ``rate`` of them, at least 1."""
+        """The fault steps of a ``steps``-step run with ``seed``: every ``every``-th step, or
+        ``rate`` of them (at least 1) drawn from the seed."""
         if self.kind is None:
             return FaultSchedule()
+        options = {} if self.spike_factor is None else {"spike_factor": self.spike_factor}
+        if self.every:
+            return FaultSchedule(
+                dict.fromkeys(range(self.every, steps + 1, self.every), self.kind), **options
+            )
         count = max(1, round(self.rate * steps))
         picked = random.Random(seed * _STRIDE + len(self.name)).sample(range(1, steps + 1), count)
-        return FaultSchedule(dict.fromkeys(sorted(picked), self.kind))
+        return FaultSchedule(dict.fromkeys(sorted(picked), self.kind), **options)
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -173,6 +193,25 @@ SCENARIOS: dict[str, Scenario] = {
             0.02,
         ),
         Scenario("lr_10x", "learning rate 10x too high", lr_factor=10.0),
+        Scenario(
+            "nan_grad_every7",
+            "1% of gradient entries NaN on every 7th step (a persistently bad kernel or rank)",
+            "nan_grad",
+            every=7,
+        ),
+        Scenario(
+            "loss_x1e4_from40",
+            "training loss x1e4 from 40% of the run to the end (a loss re-weighting or "
+            "curriculum stage: a persistent jump in scale); held-out loss read unscaled",
+            loss_scale=(0.4, 1e4),
+        ),
+        Scenario(
+            "grad_x1e4_every6",
+            "gradients x1e4 on every 6th step (a recurring gradient explosion)",
+            "grad_spike",
+            every=6,
+            spike_factor=1e4,
+        ),
         Scenario(
             "plateau",
             "MLP only: constant LR (no schedule) for 1500 steps on noisy targets (noise 0.5): "

@@ -1,19 +1,24 @@
-"""Smoke test of the stability benchmark: a --quick-sized run end to end.
+"""Smoke test of the stability benchmark: a --quick-sized run end to end, and the new scenarios.
 
 2 scenarios x 3 methods x 1 seed on both model families, a few training steps.
 Checks the shape of the results and that SafeOptimizer survives NaN gradients
-where plain AdamW does not. No timing is asserted.
+where plain AdamW does not; then the recurring faults, the loss-scale stage and the
+peers (ARC, StabilityGuard: left out where their package is not installed) on the
+MLP for 30 steps. No timing is asserted.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks.stability import StabilityConfig, StabilityResult, run_stability
+from benchmarks.stability import SCENARIOS as SCENARIOS_
+from benchmarks.stability import StabilityConfig, StabilityResult, _Injector, run_stability
 from benchmarks.stability_report import format_markdown, write_results
 from benchmarks.stability_summary import summarize
 
@@ -69,3 +74,64 @@ def test_results_files(result: StabilityResult, tmp_path: Path) -> None:
     assert len(rows) == len(result.records)
     markdown = format_markdown(result)
     assert "| mlp | nan_grad |" in markdown and "Target" in markdown
+
+
+# -- the recurring faults, the loss-scale stage and the peers ------------------------
+
+PEERS = tuple(
+    m for m, module in (("arc", "arc"), ("stabilityguard", "stabilityguard"))
+    if importlib.util.find_spec(module) is not None
+)  # fmt: skip
+
+
+def test_recurring_faults_and_the_loss_scale_stage() -> None:
+    every7 = SCENARIOS_["nan_grad_every7"].schedule(50, seed=3)
+    assert every7.steps_of("nan_grad") == [7, 14, 21, 28, 35, 42, 49]
+    every6 = SCENARIOS_["grad_x1e4_every6"].schedule(30, seed=0)
+    assert every6.steps_of("grad_spike") == [6, 12, 18, 24, 30]
+    assert every6.spike_factor == 1e4
+    stage = SCENARIOS_["loss_x1e4_from40"]
+    assert [stage.loss_weight(s, 100) for s in (1, 40, 41, 100)] == [1.0, 1.0, 1e4, 1e4]
+
+
+def test_a_fixed_spike_factor_is_applied_as_is() -> None:
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    injector = _Injector(SCENARIOS_["grad_x1e4_every6"].schedule(12, 0), optimizer)
+    injector.fixed_spikes = True
+    with injector:
+        injector.begin_step(6)
+        param.grad = torch.full((3,), 2.0)
+        injector.corrupt_grads([param])
+    assert param.grad.tolist() == [2e4, 2e4, 2e4]
+
+
+@pytest.fixture(scope="module")
+def peer_result() -> StabilityResult:
+    config = StabilityConfig(
+        scenarios=("grad_x1e4_every6", "loss_x1e4_from40"),
+        methods=("adamw", *PEERS, "safe"),
+        families=("mlp",),
+        seeds=1,
+        steps={"mlp": 30},
+        jobs=1,
+    )
+    return run_stability(config, progress=False)
+
+
+def test_new_scenarios_and_peers_run(peer_result: StabilityResult) -> None:
+    keys = {(r.scenario, r.method) for r in peer_result.records}
+    assert keys == {
+        (s, m) for s in ("grad_x1e4_every6", "loss_x1e4_from40") for m in ("adamw", *PEERS, "safe")
+    }
+    for r in peer_result.records:
+        assert math.isfinite(r.reference) and r.reference > 0  # clean plain AdamW, unscaled
+        if r.method == "stabilityguard" and r.scenario == "grad_x1e4_every6":
+            assert r.skipped >= 1  # a x1e4 gradient is far above its 10x spike threshold
+    markdown = format_markdown(peer_result)
+    assert "## Where another method does better than SafeOptimizer (defaults)" in markdown
+    for peer in ("arc", "stabilityguard"):
+        if peer in PEERS:
+            assert f"| {peer} |" in markdown.split("## Ablation")[0]  # the comparison table
+        else:
+            assert f"**{peer} not run**" in markdown
