@@ -92,7 +92,7 @@ def test_zscore_matches_zclip(dtype: torch.dtype, rtol: float, kwargs: dict[str,
     zclip = pytest.importorskip("zclip")
     reference_kwargs = {k: v for k, v in kwargs.items() if k != "max_norm"}
     reference = zclip.ZClip(max_grad_norm=kwargs.get("max_norm"), **reference_kwargs)
-    policy = ZScoreClip(eps=1e-6, **kwargs)  # zclip's absolute eps
+    policy = ZScoreClip(eps=1e-6, rewarm_after=None, **kwargs)  # zclip's eps, no re-warm-up
     model = _OneParameter()
     n_clipped = 0
     for step, norm in enumerate(spiky_norms(300)):
@@ -115,6 +115,31 @@ def test_zscore_matches_zclip(dtype: torch.dtype, rtol: float, kwargs: dict[str,
             assert float(state["mean"]) == pytest.approx(reference.mean, rel=rtol), step
             assert float(state["var"]) == pytest.approx(reference.var, rel=10 * rtol), step
     assert n_clipped >= 4  # the spikes after warm-up were clipped: the comparison is not vacuous
+
+
+def test_a_norm_that_moves_for_good_is_rewarmed_not_capped_forever() -> None:
+    """The norm moves from about 100 to about 300 after the warm-up and stays there: zclip
+    (the package, and rewarm_after=None) locks in, clipping every later step to its old
+    level (it feeds its EMA the clipped norm); the default warms up again after 16 clipped
+    steps in a row and then follows the norm."""
+    zclip = pytest.importorskip("zclip")
+    rng = np.random.default_rng(3)
+    norms = [float(n) for n in rng.uniform(70, 130, 40)] + [
+        float(n) for n in rng.uniform(250, 350, 400)
+    ]
+    reference = zclip.ZClip()
+    model = _OneParameter()
+    locked = 0
+    for norm in norms:
+        model.weight.grad = torch.tensor([norm], dtype=torch.float64)
+        reference.step(model)
+        locked += float(model.weight.grad[0]) < norm * (1 - 1e-9)
+    late = norms[200:]
+    zclip_like = run(ZScoreClip(rewarm_after=None), norms)[200:]
+    ours = run(ZScoreClip(), norms)[200:]
+    assert locked > 0.9 * len(norms) - 40  # every step after the move
+    assert sum(t < n for t, n in zip(zclip_like, late)) == len(late)
+    assert sum(t < n for t, n in zip(ours, late)) < 0.1 * len(late)
 
 
 def test_zscore_warmup_is_unclipped_and_capped() -> None:
