@@ -1,7 +1,8 @@
 """Print the schedule-vs-effective LR table of docs/lr.md from a real run.
 
-A cosine schedule over 400 steps, NaN losses at steps 56, 58 and 60 (three triggers
-within 20 steps: an emergency cut at the third, and its recovery) and a loss that stops improving after step 150 (a plateau reduction).
+A cosine schedule over 400 steps, NaN losses at steps 56 and 58 (bad inputs: skipped, the
+LR left alone), an update at step 60 that writes NaN into the weight (rolled back, the LR
+cut, and its recovery) and a loss that stops improving after step 150 (a plateau reduction).
 
     python scripts/lr_table.py
 """
@@ -24,7 +25,15 @@ def main() -> None:
     opt = SafeOptimizer(
         torch.optim.SGD([weight], lr=0.1),
         plateau=PlateauLR(patience_steps=100, check_every_steps=10, cooldown_steps=50),
+        check_weights="every_step",
     )
+
+    def corrupt(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if opt.monitor.counters["steps"] == 60:
+            with torch.no_grad():
+                weight[0] = float("nan")
+
+    opt.optimizer.register_step_post_hook(corrupt)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=STEPS)
     used: list[float] = []
     opt.optimizer.register_step_pre_hook(lambda o, a, k: used.append(o.param_groups[0]["lr"]))
@@ -33,7 +42,7 @@ def main() -> None:
     for step in range(1, STEPS + 1):
         trend = 1.0 / step if step < 150 else 1.0 / 150
         loss = torch.tensor(trend) + 0.002 * torch.randn((), generator=noise)
-        if step in (56, 58, 60):
+        if step in (56, 58):
             loss = torch.tensor(float("nan"))
         opt.zero_grad()
         weight.grad = torch.full_like(weight, 0.01)
@@ -44,6 +53,8 @@ def main() -> None:
         sched.step()
         kinds = [e.kind for e in opt.events() if e.step == step]
         effective = f"{used[-1]:.5f}" if len(used) > updates_before else "(skipped)"
+        if "rollback" in kinds:
+            effective += " (undone)"
         if kinds or step % 50 == 0 or step in (1, 55, 61):
             rows.append((step, scheduled, opt.stats()["lr_factor"], effective, ", ".join(kinds)))
     print("| step | scheduled LR (`group['lr']`) | our factor after the step | LR the update used | events |")

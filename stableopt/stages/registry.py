@@ -74,7 +74,7 @@ def resolve_clip(clip: Any) -> ClipPolicy | None:
 #: (name, observe, state_dict, load_state_dict): the members the pipeline uses.
 STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
     "emergency_clip": ("limit", "threshold", "skip_above"),
-    "escalation": ("next",),
+    "escalation": ("next", "consecutive_failures", "state"),
     "spike": ("bound", "watches", "zscore", "z_threshold"),
     "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency"),
     "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
