@@ -8,18 +8,24 @@ refused with a clear error instead of being loaded into the wrong objects.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.optim import Optimizer
 
+from stableopt.grad_norms import finite_flags
 from stableopt.monitor import Monitor
 from stableopt.verdict import StepVerdict
 
 __all__ = [
     "FORMAT_VERSION",
     "STATE_KEY",
+    "check_inner_state",
     "check_same_setup",
+    "check_stages",
     "last_verdict",
     "load_stages",
     "pack",
@@ -92,3 +98,74 @@ def last_verdict(ours: Mapping[str, Any], step: int) -> StepVerdict | None:
         skip_reason=None,
         clip_threshold=None if threshold is None else float(threshold),
     )
+
+
+def check_inner_state(state_dict: Mapping[str, Any], optimizer: Optimizer) -> None:
+    """Raise ``ValueError`` unless the inner optimizer's part of ``state_dict`` fits
+    ``optimizer``'s parameters: the same groups of the same sizes, every per-parameter state
+    tensor shaped like its parameter (or 0-dim), of a kind the parameter can hold (no complex
+    state for a real parameter) and finite. Reads only; nothing is changed.
+    """
+    groups = state_dict["param_groups"]
+    live = optimizer.param_groups
+    if not isinstance(groups, (list, tuple)) or len(groups) != len(live):
+        got = len(groups) if isinstance(groups, (list, tuple)) else type(groups).__name__
+        raise ValueError(f"state_dict has {got} parameter groups; the optimizer has {len(live)}")
+    params: dict[Any, tuple[int, int, Tensor]] = {}
+    for g, (saved, group) in enumerate(zip(groups, live)):
+        ids = saved.get("params", []) if isinstance(saved, Mapping) else []
+        if len(ids) != len(group["params"]):
+            raise ValueError(
+                f"state_dict's parameter group {g} has {len(ids)} parameters; the "
+                f"optimizer's has {len(group['params'])}"
+            )
+        for i, (key, param) in enumerate(zip(ids, group["params"])):
+            params[key] = (g, i, param)
+    per_parameter = not isinstance(optimizer, torch.optim.LBFGS)  # LBFGS keeps flat history
+    numbers: list[tuple[str, str, Tensor]] = []
+    for key, state in state_dict["state"].items():
+        if key not in params or not isinstance(state, Mapping):
+            continue
+        g, i, param = params[key]
+        where = f"parameter group {g} index {i} (shape {tuple(param.shape)})"
+        for name, value in state.items():
+            if not isinstance(value, Tensor):
+                continue
+            if per_parameter and value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"state_dict holds {name!r} of shape {tuple(value.shape)} for {where}: "
+                    "a checkpoint of another model"
+                )
+            if value.is_complex() and not param.is_complex():
+                raise ValueError(f"state_dict holds a complex {name!r} for the real {where}")
+            if value.is_floating_point() or value.is_complex():
+                numbers.append((where, name, value))
+    if not numbers:
+        return
+    # one max-abs pass over every saved tensor (sharded ones reduced over the ranks)
+    flags = finite_flags([value for _, _, value in numbers])
+    if bool(flags.all()):
+        return
+    first = int((~flags).nonzero()[0])
+    where, name, _ = numbers[first]
+    raise ValueError(
+        f"state_dict holds a non-finite {name!r} (NaN/Inf) for {where}: loading it would "
+        "corrupt the optimizer"
+    )
+
+
+def check_stages(ours: Mapping[str, Any], stages: Mapping[str, Any], monitor: Monitor) -> None:
+    """Raise what loading ``ours`` would raise, on copies: nothing of the live stages changes.
+
+    The rollback's snapshot buffers are not copied (they can be as large as the model):
+    their count is checked instead.
+    """
+    for name, stage in stages.items():
+        if stage is None:
+            continue
+        saved = ours["stages"][name]
+        if name == "rollback":
+            stage.check_state_dict(saved)
+        else:
+            copy.deepcopy(stage).load_state_dict(saved)
+    copy.deepcopy(monitor).load_state_dict(ours["monitor"])

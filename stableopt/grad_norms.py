@@ -33,6 +33,7 @@ single-process arithmetic is unchanged.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -41,7 +42,17 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype, _has_foreach_support
 
-__all__ = ["GradStats", "all_finite", "grad_stats", "read_host", "scale_"]
+__all__ = [
+    "GradStats",
+    "all_finite",
+    "bad_params",
+    "finite_flags",
+    "grad_stats",
+    "non_finite_params",
+    "read_host",
+    "scale_",
+    "state_tensors",
+]
 
 #: Reduce over all ranks of the default process group.
 _WORLD = "world"
@@ -66,8 +77,18 @@ def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list
     return [(device, cast(list[Tensor], group[0])) for (device, _), (group, _) in grouped.items()]
 
 
+def _strided(tensor: Tensor) -> Tensor:
+    """The values of a sparse tensor (coalesced: duplicates summed, as they count), else itself."""
+    if tensor.layout == torch.sparse_coo:
+        return tensor.coalesce().values()
+    if tensor.layout != torch.strided:  # CSR, CSC, BSR, BSC: no duplicates
+        return tensor.values()
+    return tensor
+
+
 def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype | None = None) -> list[Tensor]:
     norms: list[Tensor] = []
+    tensors = [_strided(t) for t in tensors]
     for device, group in _by_device_and_dtype(tensors):
         if _has_foreach_support(group, device):
             norms.extend(torch._foreach_norm(group, ord, dtype=dtype))
@@ -224,32 +245,118 @@ def grad_stats(
 
 
 @torch.no_grad()
-def all_finite(tensors: list[Tensor]) -> Tensor:
-    """0-dim bool tensor: every value of every tensor is finite (on every rank).
+def finite_flags(tensors: list[Tensor]) -> Tensor:
+    """1-D bool tensor, one flag per tensor: every value of it is finite (on every rank).
 
-    One foreach L2-norm pass accumulated in float32 (a NaN or Inf anywhere makes a
-    norm non-finite). Parameters are detached first: ``nn.Parameter`` is not a
-    plain tensor, and torch's multi-tensor kernels refuse it. For DTensors (FSDP2)
-    each rank checks its local shards and the "bad" flags are summed over the ranks
-    holding shards (one ``all_reduce`` of one number): a logical AND, so a NaN in
-    any rank's shard makes the result ``False`` on every rank.
+    One multi-tensor max-abs pass (``_foreach_norm`` of order ``inf``) in each tensor's own
+    dtype: exact, with no overflow (the largest absolute value of finite numbers is
+    finite, where a sum of squares of large ones is not), for every floating and complex
+    dtype; integer and bool tensors are finite by construction and are not read. Sparse
+    tensors are read through their values. Parameters are detached first
+    (``nn.Parameter`` is not a plain tensor to the multi-tensor kernels). For DTensors
+    (FSDP2) each rank checks its local shards and the per-tensor "bad" flags are summed over
+    the ranks holding shards (one ``all_reduce`` of one vector), so a NaN in any rank's
+    shard flags that tensor on every rank.
     """
     if not tensors:
-        return torch.ones((), dtype=torch.bool)
-    plain, sharded = _split_sharded([t.detach() for t in tensors])
-    local = plain + [t for shards in sharded.values() for t in shards]
-    first_device = local[0].device
-    norms = _norms(local, 2.0, torch.float32)
-    is_finite = torch.isfinite(torch.stack(_to_device(norms, first_device)).sum())
-    if not sharded:
-        return is_finite
-    if list(sharded) == [_WORLD]:
-        key: Any = _WORLD
-    else:  # every group any shard is spread over, each once
-        groups = {id(g): g for k in sharded for g in ((None,) if k == _WORLD else k)}
-        key = tuple(groups.values())
-    (bad,) = _sum_over_ranks([(key, (~is_finite).to(torch.float32))])
+        return torch.ones(0, dtype=torch.bool)
+    local = [_local_of(t.detach()) for t in tensors]
+    device = local[0].device
+    out = torch.ones(len(tensors), dtype=torch.bool, device=device)
+    checked = [
+        i
+        for i, t in enumerate(local)
+        if (t.is_floating_point() or t.is_complex()) and _strided(t).numel() > 0
+    ]
+    if checked:
+        maxima = _norms([local[i] for i in checked], math.inf)
+        finite = torch.isfinite(torch.stack(_to_device(maxima, device)))
+        if len(checked) == len(local):
+            out = finite
+        else:
+            out[torch.tensor(checked, device=device)] = finite
+    keys = {key for key in map(_reduction_key, tensors) if key is not None}
+    if not keys:
+        return out
+    bad = (~out).to(torch.float32)
+    if _world_size() > 1:
+        for group in (None,) if keys == {_WORLD} else _union_groups(keys):
+            dist.all_reduce(bad, op=dist.ReduceOp.SUM, group=group)
     return bad == 0
+
+
+def state_tensors(optimizer: Any, param: Tensor) -> list[Tensor]:
+    """The floating (and complex) tensors of ``param``'s optimizer state."""
+    state = optimizer.state.get(param)
+    if not state:
+        return []
+    return [
+        value
+        for value in state.values()
+        if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex())
+    ]
+
+
+def bad_params(
+    flags: Tensor, owners: list[int], checked: list[Tensor], every: list[Tensor]
+) -> tuple[int, ...]:
+    """Indices into ``every`` of the parameters with a tensor whose flag is false (reads the
+    flags: only on a step that found something). ``owners[i]`` is the index in ``checked``
+    of the parameter tensor ``i`` belongs to."""
+    position = {id(p): i for i, p in enumerate(every)}
+    bad_tensors: list[int] = (~flags).nonzero().flatten().tolist()
+    return tuple(sorted({position[id(checked[owners[i]])] for i in bad_tensors}))
+
+
+def non_finite_params(optimizer: Any, params: list[Tensor]) -> tuple[int, ...]:
+    """Indices of the ``params`` that, or whose optimizer state, hold a NaN or Inf (one
+    max-abs pass; a read)."""
+    tensors: list[Tensor] = []
+    owners: list[int] = []
+    for index, param in enumerate(params):
+        for tensor in (param, *state_tensors(optimizer, param)):
+            tensors.append(tensor)
+            owners.append(index)
+    flags = finite_flags(tensors)
+    if bool(flags.all()):
+        return ()
+    return bad_params(flags, owners, params, params)
+
+
+def all_finite(tensors: list[Tensor]) -> Tensor:
+    """0-dim bool tensor: every value of every tensor is finite (see :func:`finite_flags`)."""
+    return finite_flags(tensors).all()
+
+
+def _local_of(tensor: Tensor) -> Tensor:
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(tensor, dtensor):
+        return cast(Any, tensor).to_local()
+    return tensor
+
+
+def _reduction_key(tensor: Tensor) -> Any:
+    """What a DTensor's local values are summed over (``_WORLD`` or mesh groups), or ``None``."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not isinstance(tensor, dtensor):
+        return None
+    t: Any = tensor
+    dims = [i for i, placement in enumerate(t.placements) if not placement.is_replicate()]
+    if not dims:
+        return None
+    groups = tuple(t.device_mesh.get_group(i) for i in dims)
+    if len(groups) == 1 and dist.get_world_size(groups[0]) == dist.get_world_size():
+        return _WORLD
+    return groups
+
+
+def _union_groups(keys: set[Any]) -> tuple[Any, ...]:
+    """Every process group any key spans, each once (``None``: the default group)."""
+    groups: dict[int, Any] = {}
+    for key in keys:
+        for group in (None,) if key == _WORLD else key:
+            groups[id(group)] = group
+    return tuple(groups.values())
 
 
 @torch.no_grad()

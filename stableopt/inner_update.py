@@ -13,9 +13,12 @@ Two ways to run it, matching the gate's two ways to decide (:mod:`stableopt.gate
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.optim.optimizer as optim_module
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -65,6 +68,7 @@ class InnerUpdate:
         amp_scale: Tensor | None,
         lr_factor: float,
         lr_bounds: tuple[float, float | None],
+        closure: Callable[[], Any] | None = None,
     ) -> None:
         """The update of an accepted step, the gradients multiplied by ``coefficient`` first.
 
@@ -75,9 +79,9 @@ class InnerUpdate:
             scale_(grads, coefficient)
         with scaled_lr(self.optimizer.param_groups, lr_factor, *lr_bounds):
             if amp_scale is None:
-                self.optimizer.step()
+                self._step(closure)
             else:
-                self._fused_step(None, amp_scale)
+                self._fused_step(None, amp_scale, closure)
 
     def run_fused(
         self,
@@ -86,6 +90,7 @@ class InnerUpdate:
         amp_scale: Tensor | None,
         lr_factor: float,
         lr_bounds: tuple[float, float | None],
+        closure: Callable[[], Any] | None = None,
     ) -> None:
         """A fused update that takes the verdict on the device: the skip in ``found_inf``,
         the clip coefficient in ``grad_scale`` (with GradScaler's scale: one divisor)."""
@@ -94,9 +99,14 @@ class InnerUpdate:
             divisor = amp_scale * divisor.to(amp_scale.device)
         grad_scale = divisor if divisor is not None else amp_scale
         with scaled_lr(self.optimizer.param_groups, lr_factor, *lr_bounds):
-            self._fused_step((~is_ok).to(torch.float32), grad_scale)
+            self._fused_step((~is_ok).to(torch.float32), grad_scale, closure)
 
-    def _fused_step(self, found_inf: Tensor | None, grad_scale: Tensor | None) -> None:
+    def _fused_step(
+        self,
+        found_inf: Tensor | None,
+        grad_scale: Tensor | None,
+        closure: Callable[[], Any] | None,
+    ) -> None:
         # GradScaler's protocol: the fused kernel divides every gradient by
         # grad_scale and leaves weights and state alone when found_inf is non-zero.
         inner: Any = self.optimizer
@@ -105,8 +115,40 @@ class InnerUpdate:
         if grad_scale is not None:
             inner.grad_scale = grad_scale
         try:
-            self.optimizer.step()
+            self._step(closure)
         finally:
             for name in ("found_inf", "grad_scale"):
                 if name in inner.__dict__:
                     delattr(inner, name)
+
+    def _step(self, closure: Callable[[], Any] | None) -> None:
+        """The inner ``step()``, with the closure when there is one (LBFGS evaluates it
+        again and again; any other optimizer once, which returns the evaluation the wrapper
+        already made), and without torch's global optimizer hooks: they run once per
+        ``step()``, around the wrapper's."""
+        with _global_hooks_off():
+            if closure is None:
+                self.optimizer.step()
+            else:
+                self.optimizer.step(closure)
+
+
+@contextmanager
+def _global_hooks_off() -> Iterator[None]:
+    """Within the block, torch's global optimizer step hooks do not run (they are put back
+    after; nothing to do when there are none, the usual case)."""
+    hook_dicts: tuple[Any, Any] = (
+        optim_module._global_optimizer_pre_hooks,
+        optim_module._global_optimizer_post_hooks,
+    )
+    if not any(hook_dicts):
+        yield
+        return
+    saved: list[dict[Any, Any]] = [dict(hooks) for hooks in hook_dicts]
+    for hooks in hook_dicts:
+        hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in zip(hook_dicts, saved):
+            hooks.update(items)

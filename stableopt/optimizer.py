@@ -33,7 +33,7 @@ from stableopt import checkpoint, recommend
 from stableopt._checks import check_int
 from stableopt.escalation import Escalation
 from stableopt.gate import Gate
-from stableopt.grad_norms import all_finite, grad_stats
+from stableopt.grad_norms import grad_stats, non_finite_params
 from stableopt.inner_update import InnerUpdate
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
@@ -137,7 +137,7 @@ class SafeOptimizer(Optimizer):
         rollback: Rollback | Literal["default"] | None = "default",
         escalation: Escalation | Literal["default"] = "default",
         max_consecutive_failures: int | None = None,
-        check_weights: Literal["lazy", "every_step", "off"] = "lazy",
+        check_weights: Literal["every_step", "params", "lazy", "off"] = "every_step",
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
@@ -183,6 +183,7 @@ class SafeOptimizer(Optimizer):
         # LightningOptimizer) share this list, so observe_loss() through them reaches us.
         self._observed_losses: list[Tensor] = []
         self._said_no_loss = False
+        self._is_verified = False  # the weights and state were checked before a first step
         self._init_hooks()
 
     @property
@@ -228,6 +229,7 @@ class SafeOptimizer(Optimizer):
         self.optimizer.add_param_group(param_group)
         if self.rollback is not None:
             self.rollback.invalidate()
+        self._is_verified = False
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Tell the optimizer this step's loss (no sync; several calls are averaged).
@@ -257,9 +259,8 @@ class SafeOptimizer(Optimizer):
         step = self.monitor.counters["steps"]
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        if self.rollback is not None and not self.rollback.has_snapshot:
-            # The state before this step is good: it was verified after the last step.
-            self.response.take_snapshot(step - 1)
+        if not self._is_verified:
+            self._verify_start(step - 1)
         amp_scale, amp_found_inf = self.inner.amp_inputs(
             grads, self.__dict__, unscale_here=_clips_in_place(self.clip)
         )
@@ -269,25 +270,42 @@ class SafeOptimizer(Optimizer):
         if self._decides_before_update(grads):
             verdict, coefficient = self.gate.decide(step, stats, amp_found_inf, clipped_in_place)
             if verdict.is_accepted:
-                self.inner.run(grads, coefficient, amp_scale, *self._lr())
+                self.inner.run(grads, coefficient, amp_scale, *self._lr(), _replay(closure, loss))
         else:  # fused, off the CPU: the skip rides in found_inf, the read comes after
             pending = self.gate.decide_on_device(stats, amp_found_inf, clipped_in_place)
-            self.inner.run_fused(pending.is_ok, pending.coefficient, amp_scale, *self._lr())
-            checked = all_finite(params) if self.weight_check.after_every_update else None
+            self.inner.run_fused(
+                pending.is_ok, pending.coefficient, amp_scale, *self._lr(), _replay(closure, loss)
+            )
+            checked = self.weight_check.all_finite(self.optimizer, params)
             verdict = self.gate.read(step, pending, checked)
         verdict = self.weight_check.verify(
-            verdict, params, self._all_params(), self.response.is_snapshot_due()
+            verdict, self.optimizer, params, self._all_params(), self.response.is_snapshot_due()
         )
         self.last_verdict = verdict
         self.response.respond(
             verdict,
-            weights_corrupted_by_update=verdict.is_accepted
-            and self.weight_check.after_every_update,
+            weights_checked_after_updates=self.weight_check.after_every_update,
         )
         self.monitor.end_step(self.stats)
         return loss
 
     # -- the stages of step(), in order ---------------------------------------------
+
+    def _verify_start(self, step: int) -> None:
+        """Before the first step (and after ``add_param_group`` or ``load_state_dict``): the
+        weights and the optimizer state must be finite, and are the first snapshot."""
+        params = self._all_params()
+        if self.rollback is not None and not self.rollback.has_snapshot:
+            bad = self.response.take_snapshot(step)
+        else:  # no snapshots, or one loaded with a checkpoint (in_state_dict)
+            bad = non_finite_params(self.optimizer, params)
+        if bad:
+            raise ValueError(
+                "the weights or the optimizer state are not finite before stableopt's first "
+                f"step on them: {describe_params(self.param_groups, bad)}. Nothing good to "
+                "start from: load finite weights (or a checkpoint) first"
+            )
+        self._is_verified = True
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
         """This rank's loss for the step (the closure's, else the mean of the observed ones)."""
@@ -438,10 +456,15 @@ class SafeOptimizer(Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state dict from :meth:`state_dict` (or a plain inner-optimizer one).
 
+        Everything is validated before anything is loaded, so a refused state dict leaves
+        the wrapper and the inner optimizer exactly as they were.
+
         Raises:
             ValueError: the state dict comes from a different setup (another inner
                 optimizer class, a stage on in one and off in the other or of another
-                class, different parameter groups).
+                class, different parameter groups, a state tensor shaped unlike its
+                parameter: the message names the group, index and shape) or holds a NaN/Inf
+                in the optimizer state.
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, dict(state_dict))
@@ -455,11 +478,16 @@ class SafeOptimizer(Optimizer):
                 "state_dict must be an optimizer state dict with 'state' and 'param_groups' entries"
             )
         ours = state_dict.get(checkpoint.STATE_KEY)
+        # Validate everything, then commit: a refused load changes nothing.
         if ours is not None:
             checkpoint.check_same_setup(ours, self.optimizer, self._stages())
+        checkpoint.check_inner_state(state_dict, self.optimizer)
+        if ours is not None:
+            checkpoint.check_stages(ours, self._stages(), self.monitor)
         self.optimizer.load_state_dict(
             {k: v for k, v in state_dict.items() if k != checkpoint.STATE_KEY}
         )
+        self._is_verified = False  # the weights are checked (and snapshotted) at the next step
         if ours is None:
             log.info(
                 "state dict holds no stableopt entry (a plain optimizer checkpoint): counters start at 0"
@@ -506,6 +534,33 @@ def _check_optimizer(optimizer: Any) -> None:
         raise TypeError(f"optimizer must be {accepted}, got the class {optimizer.__name__}")
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be {accepted}, got {type(optimizer).__name__}")
+
+
+def _replay(closure: Callable[[], Any] | None, loss: Any) -> Callable[[], Any] | None:
+    """The closure for the inner optimizer: its first call returns the evaluation ``step``
+    already made (the gradients are that evaluation's), later ones evaluate again (LBFGS)."""
+    if closure is None:
+        return None
+    calls = 0
+
+    def replay() -> Any:
+        nonlocal calls
+        calls += 1
+        return loss if calls == 1 else closure()
+
+    return replay
+
+
+def describe_params(param_groups: list[dict[str, Any]], indices: tuple[int, ...]) -> str:
+    """``group g, index i, shape (...)`` for each of ``indices`` (in param_groups order)."""
+    where = [
+        (g, i, tuple(p.shape))
+        for g, group in enumerate(param_groups)
+        for i, p in enumerate(group["params"])
+    ]
+    shown = [f"group {g} index {i} shape {shape}" for g, i, shape in (where[k] for k in indices)]
+    more = f" and {len(indices) - 5} more" if len(indices) > 5 else ""
+    return "; ".join(shown[:5]) + more
 
 
 def _clips_in_place(clip: Any) -> bool:

@@ -82,11 +82,13 @@ class Response:
             self.monitor.counters["good_steps"] + 1
         )
 
-    def respond(self, verdict: StepVerdict, *, weights_corrupted_by_update: bool) -> None:
+    def respond(self, verdict: StepVerdict, *, weights_checked_after_updates: bool) -> None:
         """Everything that follows from ``verdict``; raises when the run cannot go on.
 
-        ``weights_corrupted_by_update``: the weights were checked right after this
-        step's update (so a non-finite weight was written by it), not found later.
+        ``weights_checked_after_updates``: the weights are checked right after every update
+        (so a non-finite weight after this step's update was written by it, and one found on
+        a step that did not update appeared between steps); otherwise a non-finite weight
+        is found later and was left by an earlier update.
         """
         for stage in (self.clip, self.emergency_clip, self.spike, self.plateau):
             if stage is not None:
@@ -109,20 +111,29 @@ class Response:
             self.monitor.counters["consecutive_failures"] = self.escalation.consecutive_failures
             self.raise_divergence(transition.reason)
         elif action is Action.ACCEPT:
-            self._count_good_step(verdict)
+            # lazy checks every parameter before a snapshot: the snapshot need not again
+            self._count_good_step(
+                verdict, verified=verdict.weights_ok is True and not weights_checked_after_updates
+            )
         elif action is Action.ROLLBACK:
             if verdict.weights_ok is False:
-                cause = (
-                    "the update left non-finite weights"
-                    if weights_corrupted_by_update
-                    else "non-finite weights found (left by an earlier update)"
-                )
+                by_update = verdict.is_accepted or not weights_checked_after_updates
+                if not weights_checked_after_updates:
+                    cause = "non-finite weights found (left by an earlier update)"
+                elif verdict.is_accepted:
+                    cause = "the update left non-finite weights"
+                else:
+                    cause = "non-finite weights appeared between steps (no update wrote them)"
                 why = f"{cause} (gradient norm {verdict.grad_norm:.4g})"
+                self._restore(why, only=verdict.bad_params)
+                # an update that made the state bad cuts the LR; a corruption from outside
+                # (a bit flip, user code) says nothing about the LR
+                cut_reason = why if by_update else None
             else:
                 self.monitor.count("skipped_steps")
                 why = f"{self._skip_cause(verdict)}; {transition.reason}"
-            self._restore(why)
-            cut_reason = why
+                self._restore(why)
+                cut_reason = why
         else:  # a skip, maybe with a new level
             self._count_skip(verdict)
             if action is Action.RELEARN:
@@ -170,7 +181,7 @@ class Response:
             grad_norm=float(sorted(norms)[len(norms) // 2]),
         )
 
-    def _count_good_step(self, verdict: StepVerdict) -> None:
+    def _count_good_step(self, verdict: StepVerdict, verified: bool) -> None:
         self.monitor.count("good_steps")
         if verdict.is_clipped:
             self.monitor.count("total_clips")
@@ -184,9 +195,11 @@ class Response:
                 clip_threshold=float(verdict.clip_threshold or 0.0),
             )
         if self.rollback is not None and self.rollback.is_due(self.monitor.counters["good_steps"]):
-            self.take_snapshot(self.monitor.counters["steps"])
+            bad = self.take_snapshot(self.monitor.counters["steps"], verified)
+            if bad:  # found by the snapshot's own check: weights no update wrote (frozen ones)
+                self._restore("non-finite weights found when taking a snapshot", only=bad)
 
-    def take_snapshot(self, step: int) -> None:
+    def take_snapshot(self, step: int, verified: bool = False) -> tuple[int, ...]:
         """Snapshot the weights and the optimizer state, and the histories that judge a step.
 
         The histories (the clip policy's, the emergency clip's, the spike guard's) go back
@@ -195,11 +208,13 @@ class Response:
         like spikes.
         """
         assert self.rollback is not None
-        self.rollback.take(self.optimizer, step)
-        self._histories = {
-            name: copy.deepcopy(stage.state_dict())
-            for name, stage in self._judging_stages().items()
-        }
+        bad = self.rollback.take(self.optimizer, step, verified)
+        if not bad:
+            self._histories = {
+                name: copy.deepcopy(stage.state_dict())
+                for name, stage in self._judging_stages().items()
+            }
+        return bad
 
     def _judging_stages(self) -> dict[str, Any]:
         stages = {"clip": self.clip, "emergency_clip": self.emergency_clip, "spike": self.spike}
@@ -246,13 +261,18 @@ class Response:
             change.kind, change.reason, old_factor=change.old_factor, new_factor=change.new_factor
         )
 
-    def _restore(self, why: str) -> None:
+    def _restore(self, why: str, only: tuple[int, ...] = ()) -> None:
+        """Restore the snapshot: the parameters ``only`` names (and their state) when the
+        rollback restores what is corrupted, else everything."""
         if self.rollback is None or not self.rollback.has_snapshot:
             self.raise_divergence(f"{why}, and rollback is off: nothing good to restore")
         assert self.rollback is not None
-        self.rollback.restore(self.optimizer)
+        partial = bool(only) and self.rollback.scope == "corrupted"
+        self.rollback.restore(self.optimizer, only if partial else None)
+        if partial:  # the other histories are this step's, and they stay
+            why = f"{why}; restored: {len(only)} parameter(s) and their state"
         for name, stage in self._judging_stages().items():
-            if name in self._histories:
+            if name in self._histories and not partial:
                 stage.load_state_dict(copy.deepcopy(self._histories[name]))
         self.monitor.count("rollbacks")
         self.monitor.event(

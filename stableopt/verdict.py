@@ -51,8 +51,10 @@ class StepVerdict:
             unit-wise policy).
         is_emergency: the norm was above the emergency threshold, so the reduced limit of
             :class:`~stableopt.stages.emergency_clip.EmergencyClip` applied.
-        weights_ok: whether every weight was finite after the step; ``None`` when the
-            weights were not checked.
+        weights_ok: whether every weight (and its optimizer state) was finite after the
+            step; ``None`` when the weights were not checked.
+        bad_params: the parameters found non-finite (indices in the optimizer's
+            ``param_groups`` order), when the check tells them apart.
     """
 
     step: int
@@ -65,6 +67,7 @@ class StepVerdict:
     is_clipped: bool = False
     is_emergency: bool = False
     weights_ok: bool | None = None
+    bad_params: tuple[int, ...] = ()
 
     @property
     def grads_finite(self) -> bool:

@@ -377,15 +377,15 @@ def _nan_weight(step: int, rank: int, model: nn.Module) -> None:
 
 
 FAULT_CASES: list[tuple[str, dict[str, Any], Any]] = [
-    ("grad_nan", {}, _nan_grad),
+    ("grad_nan", {"check_weights": "lazy"}, _nan_grad),
     ("grad_nan_clip1_fused", {"clip": 1.0, "fused": True}, _nan_grad),
-    ("weight_nan_lazy", {}, _nan_weight),
+    ("weight_nan_lazy", {"check_weights": "lazy"}, _nan_weight),
     (
         "weight_nan_every_step",
         {"clip": 1.0, "check_weights": "every_step"},
         _nan_weight,
     ),
-    ("healthy", {}, None),
+    ("healthy", {"check_weights": "lazy"}, None),
     ("healthy_every_step", {"check_weights": "every_step"}, None),
 ]
 

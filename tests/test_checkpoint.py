@@ -32,7 +32,10 @@ FAULTS = {
 
 
 def build(
-    in_state_dict: bool, init_seed: int = 0, check_weights: str = "every_step"
+    in_state_dict: bool,
+    init_seed: int = 0,
+    check_weights: str = "every_step",
+    scope: str = "corrupted",
 ) -> tuple[nn.Module, SafeOptimizer, dict[str, bool]]:
     model = make_model(init_seed)
     inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -47,7 +50,7 @@ def build(
     opt = SafeOptimizer(
         inner,
         clip=1.0,
-        rollback=Rollback(every_steps=4, in_state_dict=in_state_dict),
+        rollback=Rollback(every_steps=4, in_state_dict=in_state_dict, scope=scope),
         check_weights=check_weights,  # type: ignore[arg-type]
         # no early spike rule: the step-17 spike must reach the emergency clip
         spike=SpikeGuard(early_ratio=None),
@@ -130,9 +133,11 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(
     assert resumed["stats"]["system_health"] == pytest.approx(expected["system_health"])
 
 
-def test_default_checkpoint_rolls_back_to_the_resume_point(tmp_path: Path) -> None:
-    """Without the snapshot in the checkpoint, the loaded state is the snapshot (documented)."""
-    model, opt, corrupt = build(in_state_dict=False)
+@pytest.mark.parametrize("scope", ["all", "corrupted"])
+def test_default_checkpoint_rolls_back_to_the_resume_point(tmp_path: Path, scope: str) -> None:
+    """Without the snapshot in the checkpoint, the loaded state is the snapshot (documented):
+    a rollback restores it (all of it, or the corrupted parameter and its state)."""
+    model, opt, corrupt = build(in_state_dict=False, scope=scope)
     opt.rollback.every_steps = 100  # type: ignore[union-attr]
     train(model, opt, corrupt, range(10))
     saved = {k: v.clone() for k, v in model.state_dict().items()}
@@ -144,7 +149,10 @@ def test_default_checkpoint_rolls_back_to_the_resume_point(tmp_path: Path) -> No
     corrupt["next"] = True
     opt.step()
     assert opt.stats()["rollbacks"] == 2
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in saved.items())
+    restored = {k: torch.equal(v, model.state_dict()[k]) for k, v in saved.items()}
+    first = next(iter(saved))  # the parameter the update corrupted
+    assert restored[first] and all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert all(restored.values()) is (scope == "all")
 
 
 def test_state_dict_keeps_the_inner_format() -> None:
@@ -184,7 +192,7 @@ def test_a_plain_optimizer_checkpoint_loads_with_fresh_counters() -> None:
         ),
         (
             lambda m: SafeOptimizer(torch.optim.AdamW(list(m.parameters())[:2]), clip=1.0),
-            "doesn't match",
+            "parameter group 0 has 6 parameters; the optimizer's has 2",
         ),
     ],
     ids=["other-inner", "other-clip", "other-rollback", "other-params"],

@@ -172,24 +172,27 @@ def test_fsdp2_nan_in_one_ranks_weight_shard_rolls_back_all_ranks(fsdp: Any) -> 
 
 
 def test_fsdp2_step_communicates_only_small_all_reduces(fsdp: Any) -> None:
-    # The norm and the loss mean share one all-reduce; the weight check (on snapshot
-    # steps, and every step with every_step) is one more; no gather, no DTensor collective.
+    # The norm and the loss mean share one all-reduce; the weight check after the update
+    # (every_step) and a snapshot's own check are one more each; no gather, no DTensor
+    # collective.
     for label in ("healthy", "healthy_every_step", "grad_nan", "weight_nan_lazy"):
         counted = [c for c in fsdp[0]["faults"][label]["collectives"] if c]
         assert counted, label
-        assert all(set(c) == {ALL_REDUCE} and c[ALL_REDUCE] <= 2 for c in counted), counted
+        assert all(set(c) == {ALL_REDUCE} and c[ALL_REDUCE] <= 3 for c in counted), counted
 
 
 def test_fsdp2_healthy_step_takes_one_all_reduce(fsdp: Any) -> None:
     every = workers.SNAPSHOT_EVERY
     lazy = fsdp[0]["faults"]["healthy"]["collectives"]
-    # Lazy weight check: one all-reduce (norm + loss), plus the weight check on the
-    # steps that take a snapshot (after every SNAPSHOT_EVERY good steps).
+    # Lazy weight check: one all-reduce (norm + loss), plus the snapshot's own check on the
+    # steps that take one: the first (before it) and after every SNAPSHOT_EVERY good steps.
     assert [c[ALL_REDUCE] for c in lazy] == [
-        2 if (step + 1) % every == 0 else 1 for step in range(workers.FAULT_STEPS)
+        2 if step == 0 or (step + 1) % every == 0 else 1 for step in range(workers.FAULT_STEPS)
     ]
     every_step = fsdp[0]["faults"]["healthy_every_step"]["collectives"]
-    assert all(c == {ALL_REDUCE: 2} for c in every_step)
+    assert [c[ALL_REDUCE] for c in every_step] == [
+        3 if step == 0 or (step + 1) % every == 0 else 2 for step in range(workers.FAULT_STEPS)
+    ]
 
 
 def test_fsdp2_checkpoint_recipe_resumes_exactly(fsdp: Any) -> None:

@@ -86,7 +86,7 @@ def test_adam_eps_zero_nan_weights_are_rolled_back() -> None:
     torch.manual_seed(0)
     weight = nn.Parameter(torch.randn(4))
     opt = SafeOptimizer(
-        torch.optim.Adam([weight], lr=0.1, eps=0.0), rollback=Rollback(every_steps=2)
+        torch.optim.Adam([weight], lr=0.1, eps=0.0), rollback=Rollback(every_steps=2, scope="all")
     )
     for _ in range(3):
         weight.grad = torch.randn(4)
@@ -132,7 +132,7 @@ def test_rollback_restores_the_last_snapshot_exactly() -> None:
     reference = twin(model)
     opt = SafeOptimizer(
         CorruptingSGD(model.parameters(), corrupt_on={7}, lr=0.05, momentum=0.9),
-        rollback=Rollback(every_steps=5),
+        rollback=Rollback(every_steps=5, scope="all"),
         check_weights="every_step",
     )
     bare = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
@@ -155,7 +155,7 @@ def test_same_device_snapshots_restore_too() -> None:
     model = make_model()
     opt = SafeOptimizer(
         CorruptingSGD(model.parameters(), corrupt_on={2}, lr=0.05),
-        rollback=Rollback(every_steps=1, device="same"),
+        rollback=Rollback(every_steps=1, device="same", scope="all"),
         check_weights="every_step",
     )
     for step in range(3):
@@ -252,7 +252,7 @@ def test_random_fault_schedules_never_corrupt_the_model(
     opt = SafeOptimizer(
         inner,
         clip=1.0,
-        rollback=Rollback(every_steps=every),
+        rollback=Rollback(every_steps=every, scope="all"),
         check_weights=check_weights,  # type: ignore[arg-type]
         # the escalation (a rollback after 5 failures in a row, a stop after 3 restores
         # that fail again) is tested on its own: here every fault is met alone

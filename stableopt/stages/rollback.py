@@ -20,7 +20,7 @@ together (its flags are global), so the shards always belong to the same step.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from stableopt._checks import check_choice, check_int
+from stableopt.grad_norms import non_finite_params
 from stableopt.stages.base import StepNumbers
 
 __all__ = ["Rollback"]
@@ -35,6 +36,7 @@ __all__ = ["Rollback"]
 log = logging.getLogger(__name__)
 
 _DEVICES = ("cpu", "same")
+_SCOPES = ("corrupted", "all")
 
 
 class Rollback:
@@ -45,6 +47,11 @@ class Rollback:
             (default 100; ``>= 1``). A rollback loses at most this many steps.
         device: ``"cpu"`` (default; pinned host memory when the parameters are on
             CUDA, copies are non-blocking) or ``"same"`` (beside each parameter).
+        scope: what a rollback for non-finite weights restores: ``"corrupted"`` (default:
+            the parameters that hold a NaN/Inf, or whose optimizer state does, with their
+            state; every other parameter keeps its good, current values) or ``"all"``
+            (every parameter and all state, back to the snapshot). A rollback because
+            steps keep failing always restores everything.
         in_state_dict: include the snapshot in ``state_dict()`` (default
             ``False``). Without it, a checkpoint stays the size of the inner
             optimizer's and the loaded state becomes the snapshot; with it, a
@@ -55,14 +62,20 @@ class Rollback:
     name = "rollback"
 
     def __init__(
-        self, every_steps: int = 100, device: str = "cpu", in_state_dict: bool = False
+        self,
+        every_steps: int = 100,
+        device: str = "cpu",
+        in_state_dict: bool = False,
+        scope: str = "corrupted",
     ) -> None:
+        self.scope = check_choice("scope", scope, _SCOPES)
         self.every_steps = check_int("every_steps", every_steps, minimum=1)
         self.device = check_choice("device", device, _DEVICES)
         if not isinstance(in_state_dict, bool):
             raise TypeError(f"in_state_dict must be a bool, got {in_state_dict!r}")
         self.in_state_dict = in_state_dict
         self.snapshot_step: int | None = None
+        self._bound_count: int | None = None  # parameters of the optimizer, once seen
         self._params: list[Tensor] = []
         self._state: list[dict[str, Any] | None] = []
 
@@ -80,9 +93,21 @@ class Rollback:
         self.snapshot_step = None
 
     @torch.no_grad()
-    def take(self, optimizer: Optimizer, step: int) -> None:
-        """Copy every parameter and its optimizer state into the snapshot buffers."""
+    def take(self, optimizer: Optimizer, step: int, verified: bool = False) -> tuple[int, ...]:
+        """Copy every parameter and its optimizer state into the snapshot buffers, once they
+        are verified finite; return the indices of the parameters that are not (then nothing
+        is taken and the old snapshot stays).
+
+        The verification is one multi-tensor max-abs pass over what is copied (exact for
+        every dtype), so a snapshot never holds a non-finite value and a rollback never
+        restores one; ``verified=True`` skips it when the caller has just checked every
+        parameter and its state.
+        """
         params = _all_params(optimizer)
+        self._bound_count = len(params)
+        bad = () if verified else non_finite_params(optimizer, params)
+        if bad:
+            return bad
         if len(self._params) != len(params):
             self._params, self._state = [], [None] * len(params)
         self._params = [
@@ -93,18 +118,22 @@ class Rollback:
             self._copy_state(self._state[i], optimizer.state.get(p)) for i, p in enumerate(params)
         ]
         self.snapshot_step = step
+        return ()
 
     @torch.no_grad()
-    def restore(self, optimizer: Optimizer) -> None:
-        """Copy the snapshot back into the parameters and the optimizer state."""
+    def restore(self, optimizer: Optimizer, only: Collection[int] | None = None) -> None:
+        """Copy the snapshot back into the parameters and the optimizer state: all of them,
+        or the parameters ``only`` names (indices in ``param_groups`` order) and their state."""
         if self.snapshot_step is None:
             raise RuntimeError("no snapshot to restore")
         params = _all_params(optimizer)
         if len(params) != len(self._params):
             raise RuntimeError("the parameter set changed since the snapshot was taken")
-        for p, saved in zip(params, self._params):
-            _local(p).copy_(saved, non_blocking=True)
-        for p, saved_state in zip(params, self._state):
+        chosen = range(len(params)) if only is None else sorted(set(only))
+        for i in chosen:
+            _local(params[i]).copy_(self._params[i], non_blocking=True)
+        for i in chosen:
+            p, saved_state = params[i], self._state[i]
             if saved_state is None:
                 optimizer.state.pop(p, None)
                 continue
@@ -168,6 +197,25 @@ class Rollback:
     def observe(self, numbers: StepNumbers) -> None:
         """Nothing to take: the pipeline decides when to :meth:`take` and :meth:`restore`."""
 
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if :meth:`load_state_dict` would hold a snapshot that is not
+        finite or not of this optimizer's parameter count (checked again at a restore)."""
+        if not isinstance(state_dict, Mapping) or "snapshot_step" not in state_dict:
+            raise ValueError("state_dict of Rollback must have a 'snapshot_step' entry")
+        if "params" in state_dict and self._bound_count is not None:
+            if len(state_dict["params"]) != self._bound_count:
+                raise ValueError(
+                    f"the rollback snapshot holds {len(state_dict['params'])} parameters, "
+                    f"the optimizer has {self._bound_count}"
+                )
+        for tensor in state_dict.get("params", []):
+            if (
+                isinstance(tensor, Tensor)
+                and tensor.numel()
+                and not bool(torch.isfinite(tensor).all())
+            ):
+                raise ValueError("the rollback snapshot in state_dict holds non-finite weights")
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the snapshot if the state dict carries one; otherwise forget the old one.
 
@@ -194,7 +242,10 @@ class Rollback:
         self.snapshot_step = state_dict["snapshot_step"]
 
     def __repr__(self) -> str:
-        return f"Rollback(every_steps={self.every_steps}, device={self.device!r}, in_state_dict={self.in_state_dict})"
+        return (
+            f"Rollback(every_steps={self.every_steps}, device={self.device!r}, "
+            f"in_state_dict={self.in_state_dict}, scope={self.scope!r})"
+        )
 
 
 class _SavedTensor(NamedTuple):
