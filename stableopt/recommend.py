@@ -247,10 +247,9 @@ def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommenda
         "skipped_steps": float(stats.get("skipped_steps", 0)),
         "steps": float(stats.get("steps", 0)),
     }
-    fix = (
-        "Check the data of those steps for NaN/Inf inputs or labels and the loss for log(0) "
-        "or division by zero; under fp16, overflow is the usual cause: train in bf16, or use "
-        "loss scaling (torch.amp.GradScaler)."
+    overflow = (
+        "and the loss for log(0) or division by zero; under fp16, overflow is the usual cause: "
+        "train in bf16, or use loss scaling (torch.amp.GradScaler)."
     )
     if not skips:
         return Recommendation(
@@ -258,7 +257,7 @@ def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommenda
             f"SafeLoss saw {losses - from_weights} non-finite loss(es) that no training step "
             "was skipped for: losses computed without gradients (under torch.no_grad(), an "
             "evaluation) are counted but not given to the optimizer, so the NaN/Inf is in "
-            f"that data or code. {fix}",
+            f"that data or code. Check its inputs and labels for NaN/Inf {overflow}",
             evidence,
         )
     loss_text = f"; SafeLoss saw {losses} non-finite loss(es)" if losses else ""
@@ -273,7 +272,8 @@ def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommenda
     return Recommendation(
         "non_finite",
         f"{len(skips)} step(s) were skipped for NaN/Inf values in the loss or the gradients "
-        f"(steps {_steps(skips)}{loss_text}). {after} {fix}",
+        f"(steps {_steps(skips)}{loss_text}). {after} Check the data of those steps for "
+        f"NaN/Inf inputs or labels {overflow}",
         evidence,
     )
 
