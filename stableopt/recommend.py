@@ -6,27 +6,37 @@ learning rates, and gives at most one :class:`Recommendation`:
 ==================  ============================================  ==========================================
 kind                fires when (defaults)                         advice
 ==================  ============================================  ==========================================
-``lower_lr``        >= 2 emergency LR cuts (``lr_cut`` events)    lower the peak LR towards the one the cuts
-                                                                  reached, or warm up longer
+``lower_lr``        >= 2 emergency LR cuts (``lr_cut`` events:    lower the peak LR towards the one the cuts
+                    an update wrote non-finite weights, a run of  reached, or warm up longer; an absolute
+                    failed steps, an absolute threshold)          threshold below the healthy norm: raise it
 ``clipping``        clipped on >= 50% of >= 20 good steps         check architecture / initialisation, lower
                                                                   the LR, or raise the clip threshold
 ``non_finite``      >= 1 step skipped for a NaN/Inf loss or       check the data; bf16 or loss scaling for
-                    gradient, or ``nonfinite_losses`` >= 1        fp16 overflow
+                    gradient, or a non-finite loss of             fp16 overflow
+                    ``SafeLoss`` that bad weights do not explain
 ``size_mismatch``   >= 1 ``size_mismatches`` (from ``SafeLoss``)  check the input pipeline
-``rollback``        >= 1 rollback                                 numerics of the update (eps, fp16), kernels,
-                                                                  hardware
-``spikes``          >= 3 ``spike_skips``                          look at the batches of those steps; lower LR
-``plateau``         >= 1 plateau reduction (``plateau`` events)   decay the LR earlier or lengthen patience
+``rollback``        >= 1 rollback                                 by its cause: the update's numerics (eps,
+                                                                  fp16), kernels, hardware; or the batches of
+                                                                  the failed steps
+``spikes``          >= 3 spike skips that did not start a new     look at the batches of those steps (isolated
+                    level                                         spikes are bad batches); lower the LR
+``new_level``       >= 1 ``new_level`` event                      if the change was not intended, check what
+                                                                  changed there; a level that did not last
+                                                                  was a burst of bad batches
+``plateau``         >= 1 plateau reduction (``plateau`` events;   decay the LR earlier or lengthen patience
+                    ``PlateauLR`` is off unless turned on)
 ==================  ============================================  ==========================================
 
 A healthy run gives none. Counters cover the whole run; events are the
-monitor's recent ones (256 by default), which only the examples and a few
-counts (LR cuts, plateau reductions, NaN/Inf skips) come from.
+monitor's recent ones (256 by default), which the examples, the causes and a few
+counts (LR cuts, NaN/Inf skips, the spikes of each new level, plateau reductions)
+come from.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +47,9 @@ from stableopt.monitor import Event
 __all__ = ["Recommendation", "format_recommendations", "recommend"]
 
 _EXAMPLES = 5  # steps quoted per recommendation
+_FAILED_RUN = re.compile(r"(\d+) steps in a row failed")
+_LEVEL_SPIKES = re.compile(r"^(\d+) spikes in a row")
+_THRESHOLD = re.compile(r"\b(grad_norm_threshold|loss_threshold)=")
 
 
 @dataclass(frozen=True)
@@ -45,10 +58,11 @@ class Recommendation:
 
     Attributes:
         kind: which rule gave it: ``"lower_lr"``, ``"clipping"``, ``"non_finite"``,
-            ``"size_mismatch"``, ``"rollback"``, ``"spikes"`` or ``"plateau"``.
+            ``"size_mismatch"``, ``"rollback"``, ``"spikes"``, ``"new_level"`` or
+            ``"plateau"``.
         message: the advice in plain language, with the numbers.
-        evidence: the numbers behind it, by name (counts, rates, learning rates;
-            ``steps`` lists are in ``message``).
+        evidence: the numbers behind it, by name (counts, rates, learning rates,
+            gradient norms; ``steps`` lists are in ``message``).
     """
 
     kind: str
@@ -68,6 +82,7 @@ def recommend(
     clip_rate: float = 0.5,
     min_good_steps: int = 20,
     min_spike_skips: int = 3,
+    level_ratio: float = 10.0,
 ) -> list[Recommendation]:
     """The advice for a run from its counters, events and (optionally) scheduled LRs.
 
@@ -82,19 +97,26 @@ def recommend(
             steps" (default 0.5, in (0, 1]).
         min_good_steps: good steps needed before the clip rate means anything
             (default 20, ``>= 1``).
-        min_spike_skips: spike skips from which to advise on spikes (default 3, ``>= 1``).
+        min_spike_skips: spike skips that did not start a new level from which to
+            advise on spikes (default 3, ``>= 1``).
+        level_ratio: a last gradient norm within this factor below a new level's is
+            still at that level; further below, the level did not last (default 10.0,
+            the escalation's ``relearn_spread``; ``> 1``).
     """
     check_int("min_lr_cuts", min_lr_cuts, minimum=1)
     check_float("clip_rate", clip_rate, minimum=0.0, maximum=1.0, inclusive_min=False)
     check_int("min_good_steps", min_good_steps, minimum=1)
     check_int("min_spike_skips", min_spike_skips, minimum=1)
+    check_float("level_ratio", level_ratio, minimum=1.0, inclusive_min=False)
+    levels = _new_levels(events)
     rules = (
         _lower_lr(stats, events, lrs, min_lr_cuts),
         _clipping(stats, clip_rate, min_good_steps),
         _non_finite(stats, events),
         _size_mismatch(stats),
         _rollback(stats, events),
-        _spikes(stats, events, min_spike_skips),
+        _spikes(stats, events, levels, min_spike_skips),
+        _new_level(stats, levels, level_ratio),
         _plateau(stats, events, lrs),
     )
     return [advice for advice in rules if advice is not None]
@@ -118,35 +140,61 @@ def _lower_lr(
         return None
     deepest = min(e.data.get("new_factor", 1.0) for e in cuts)
     factor = float(stats.get("lr_factor", 1.0))
+    by_cause = {cause: [e for e in cuts if _cause(e) == cause] for cause in _CAUSES}
     evidence = {
         "lr_cuts": float(len(cuts)),
+        "weight_cuts": float(len(by_cause["weights"])),
+        "failure_cuts": float(len(by_cause["failures"])),
+        "threshold_cuts": float(len(by_cause["threshold"])),
         "deepest_factor": deepest,
         "lr_factor": factor,
-        "emergency_clips": float(stats.get("emergency_clips", 0)),
     }
+    causes = []
+    if by_cause["weights"]:
+        causes.append(f"{len(by_cause['weights'])} after an update wrote non-finite weights")
+    if by_cause["failures"]:
+        causes.append(f"{len(by_cause['failures'])} after {_failed_run_text(by_cause['failures'])}")
+    thresholds = sorted(
+        {m.group(1) for e in by_cause["threshold"] if (m := _THRESHOLD.search(e.reason))}
+    )
+    if by_cause["threshold"]:
+        causes.append(f"{len(by_cause['threshold'])} at {' or '.join(thresholds)}")
     now = (
         "the last cut is still in force"
         if stats.get("emergency_mode")
         else "it has recovered since"
     )
-    lr_text = "the learning rate"
     if lrs:
         lr, cut_lr = max(lrs), max(lrs) * deepest
         evidence |= {"lr": lr, "cut_lr": cut_lr}
-        lr_text = (
-            f"the peak learning rate (now {lr:.3g}; the cuts went down to "
-            f"{lr:.3g} x {deepest:.3g} = {cut_lr:.3g} and training held there): "
-            f"try a value between {cut_lr:.3g} and {lr:.3g}"
+        lower = (
+            f"Lower the peak learning rate (now {lr:.3g}; the deepest cut took it to "
+            f"{lr:.3g} x {deepest:.3g} = {cut_lr:.3g}): try a value between {cut_lr:.3g} "
+            f"and {lr:.3g}, or warm up for longer."
         )
     else:
-        lr_text += f" (the cuts went down to {deepest:.3g}x and training held there)"
-    return Recommendation(
-        "lower_lr",
-        f"The learning rate had to be cut {len(cuts)} times after exploding or non-finite "
-        f"gradients (steps {_steps(cuts)}; {now}, LR factor now {factor:.3g}). "
-        f"Lower {lr_text}, or warm up for longer.",
-        evidence,
+        lower = (
+            f"Lower the learning rate (the deepest cut took it to {deepest:.3g}x), or warm "
+            "up for longer."
+        )
+    message = (
+        f"The learning rate was cut {len(cuts)} times (steps {_steps(cuts)}: "
+        f"{', '.join(causes)}; {now}, LR factor now {factor:.3g})."
     )
+    if by_cause["weights"] or by_cause["failures"]:
+        message += (
+            " Those cuts came with rollbacks (see rollback): an accepted update had made the "
+            "state bad; a bad batch alone is only skipped and never cuts."
+        )
+    if by_cause["threshold"]:
+        message += (
+            f" {' and '.join(thresholds)} is an absolute threshold you set on EmergencyLR "
+            "(off by default): if ordinary steps are above it, it is too low for this run: "
+            "raise it, or leave it off (None). If only bursts cross it:"
+        )
+        lower = lower[0].lower() + lower[1:]
+    message += f" {lower}"
+    return Recommendation("lower_lr", message, evidence)
 
 
 def _clipping(
@@ -176,23 +224,57 @@ def _clipping(
 
 
 def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendation | None:
-    skips = [e for e in events if e.kind == "skip" and _is_non_finite(e)]
+    # a step rolled back after a run of failures was skipped too: its cause leads its reason
+    skips = [e for e in events if e.kind in ("skip", "rollback") and _is_non_finite(e)]
     losses = int(stats.get("nonfinite_losses", 0) or 0)  # counted by SafeLoss, if used
-    if not skips and not losses:
+    # With the lazy weight check, weights an update left non-finite make the next loss
+    # NaN, and that step is rolled back, not skipped: the weights, not the data. (Checked
+    # right after the update, the weights were found before the next loss.)
+    found_late = sum(
+        1
+        for e in events
+        if e.kind == "rollback"
+        and _cause(e) == "weights"
+        and "the update left non-finite weights" not in e.reason
+    )
+    from_weights = min(losses, found_late)
+    if not skips and losses == from_weights:
         return None
+    evidence = {
+        "non_finite_skips": float(len(skips)),
+        "nonfinite_losses": float(losses),
+        "losses_from_weights": float(from_weights),
+        "skipped_steps": float(stats.get("skipped_steps", 0)),
+        "steps": float(stats.get("steps", 0)),
+    }
+    overflow = (
+        "and the loss for log(0) or division by zero; under fp16, overflow is the usual cause: "
+        "train in bf16, or use loss scaling (torch.amp.GradScaler)."
+    )
+    if not skips:
+        return Recommendation(
+            "non_finite",
+            f"SafeLoss saw {losses - from_weights} non-finite loss(es) that no training step "
+            "was skipped for: losses computed without gradients (under torch.no_grad(), an "
+            "evaluation) are counted but not given to the optimizer, so the NaN/Inf is in "
+            f"that data or code. Check its inputs and labels for NaN/Inf {overflow}",
+            evidence,
+        )
     loss_text = f"; SafeLoss saw {losses} non-finite loss(es)" if losses else ""
+    restored = [e for e in skips if e.kind == "rollback"]
+    if restored:
+        after = (
+            f"Each was skipped; {_failed_run_text(restored)} also restored the last snapshot "
+            "and cut the LR (see rollback)."
+        )
+    else:
+        after = "Each was skipped, and the weights and the LR were left as they were."
     return Recommendation(
         "non_finite",
         f"{len(skips)} step(s) were skipped for NaN/Inf values in the loss or the gradients "
-        f"(steps {_steps(skips)}{loss_text}). Check the data of those steps for NaN/Inf inputs "
-        "or labels and the loss for log(0) or division by zero; under fp16, overflow is the "
-        "usual cause: train in bf16, or use loss scaling (torch.amp.GradScaler).",
-        {
-            "non_finite_skips": float(len(skips)),
-            "nonfinite_losses": float(losses),
-            "skipped_steps": float(stats.get("skipped_steps", 0)),
-            "steps": float(stats.get("steps", 0)),
-        },
+        f"(steps {_steps(skips)}{loss_text}). {after} Check the data of those steps for "
+        f"NaN/Inf inputs or labels {overflow}",
+        evidence,
     )
 
 
@@ -215,39 +297,160 @@ def _rollback(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendati
     if rollbacks == 0:
         return None
     recent = [e for e in events if e.kind == "rollback"]
-    lost = [e.step - e.data["snapshot_step"] for e in recent if "snapshot_step" in e.data]
-    evidence = {"rollbacks": float(rollbacks)}
+    weights = [e for e in recent if _cause(e) == "weights"]
+    failures = [e for e in recent if _cause(e) == "failures"]
+    lost = _steps_undone(recent)
+    evidence = {
+        "rollbacks": float(rollbacks),
+        "weight_rollbacks": float(len(weights)),
+        "failure_rollbacks": float(len(failures)),
+    }
     steps_lost = ""
     if lost:
         evidence["steps_lost"] = float(sum(lost))
-        steps_lost = f", {sum(lost):.0f} steps of training undone"
-    return Recommendation(
-        "rollback",
-        f"An update left non-finite weights {rollbacks} time(s) (steps {_steps(recent)}"
-        f"{steps_lost}) although its gradients were finite. Suspect the update's numerics: "
-        "an eps too small for the dtype (fp16 Adam), a learning rate too high for the "
-        "weights' scale, a custom kernel; if it recurs at random, the hardware. Snapshotting "
-        "more often (Rollback(every_steps=...)) loses less on each.",
-        evidence,
+        steps_lost = f"; {sum(lost):.0f} steps of training undone"
+    message = (
+        f"The weights and optimizer state were restored to the last snapshot {rollbacks} "
+        f"time(s) (steps {_steps(recent)}{steps_lost}):"
     )
+    causes = []
+    if weights:
+        causes.append(
+            f"{len(weights)} after an update left non-finite weights although its gradients "
+            f"were finite (steps {_steps(weights)})"
+        )
+    if failures:
+        last_cause = failures[-1].reason.split("; ")[0]
+        causes.append(
+            f"{len(failures)} after {_failed_run_text(failures)} (steps {_steps(failures)}; "
+            f"the last failed for: {last_cause}), so many that the state, not the inputs, "
+            "was taken to be failing, and the LR was cut too"
+        )
+    message += (
+        " "
+        + ("; ".join(causes) if causes else "the causes are no longer in the recent events")
+        + "."
+    )
+    if weights:
+        message += (
+            " For an update that writes non-finite weights, suspect its numerics: an eps too "
+            "small for the dtype (fp16 Adam), a learning rate too high for the weights' scale, "
+            "a custom kernel; if it recurs at random, the hardware."
+        )
+    if failures:
+        message += (
+            " If the failed steps were bad batches (a corrupt shard), the state was fine and "
+            "the restore cost training: look at their batches (the skip events before each "
+            "rollback)."
+        )
+    message += " Snapshotting more often (Rollback(every_steps=...)) loses less on each."
+    return Recommendation("rollback", message, evidence)
 
 
 def _spikes(
-    stats: Mapping[str, Any], events: Sequence[Event], min_spike_skips: int
+    stats: Mapping[str, Any],
+    events: Sequence[Event],
+    levels: Sequence[tuple[Event, list[Event]]],
+    min_spike_skips: int,
 ) -> Recommendation | None:
     spikes = int(stats.get("spike_skips", 0))
-    if spikes < min_spike_skips:
+    in_levels = {id(e) for _, level in levels for e in level}
+    others = spikes - len(in_levels)
+    if others < min_spike_skips:
         return None
-    recent = [e for e in events if e.kind == "skip" and "spike" in e.reason]
+    recent = [e for e in _spike_skips(events) if id(e) not in in_levels]
+    failed = {e.step for e in events if e.kind in ("skip", "rollback")}
+    isolated = [e for e in recent if e.step - 1 not in failed and e.step + 1 not in failed]
     steps = int(stats.get("steps", 0))
-    return Recommendation(
-        "spikes",
-        f"{spikes} step(s) were skipped as loss or gradient-norm spikes (steps {_steps(recent)}). "
-        "Look at the batches of those steps (mislabelled or corrupt samples, a shard of "
-        "another distribution); if the spikes are genuine, lower the learning rate, or raise "
-        "SpikeGuard(z_threshold=...) if they are harmless.",
-        {"spike_skips": float(spikes), "steps": float(steps)},
+    evidence = {
+        "spike_skips": float(spikes),
+        "level_spikes": float(len(in_levels)),
+        "other_spikes": float(others),
+        "isolated_spikes": float(len(isolated)),
+        "steps": float(steps),
+    }
+    if recent and len(isolated) == len(recent):
+        alone = "each alone between healthy steps"
+    elif isolated:
+        alone = f"{len(isolated)} of them alone between healthy steps"
+    else:
+        alone = "none alone between healthy steps"
+    rate = f"; 1 in {steps / others:.0f} steps" if steps >= others else ""
+    message = (
+        f"{others} step(s) were skipped as loss or gradient-norm spikes that did not become "
+        f"a new level (steps {_steps(recent)}; {alone}{rate})."
     )
+    if isolated and 2 * len(isolated) >= len(recent):
+        message += (
+            " A spike that comes alone and does not recur at its level is a bad batch or a "
+            "data issue, not a change of the run: the guard kept it out of the weights."
+        )
+    message += (
+        " Look at the batches of those steps (mislabelled or corrupt samples, a shard of "
+        "another distribution, a data-loader bug); if the loss jumps on ordinary batches, "
+        "the training itself is unstable: lower the learning rate. To train on such batches "
+        "anyway, raise SpikeGuard(z_threshold=...)."
+    )
+    if levels:
+        level = levels[-1][1]
+        message += (
+            f" ({len(in_levels)} more were the first steps at a new level: the guard took "
+            f"the new level after {len(level)} spikes at steps {_steps(level)}; see new_level.)"
+        )
+    return Recommendation("spikes", message, evidence)
+
+
+def _new_level(
+    stats: Mapping[str, Any], levels: Sequence[tuple[Event, list[Event]]], level_ratio: float
+) -> Recommendation | None:
+    if not levels:
+        return None
+    count = max(int(stats.get("new_levels", 0) or 0), len(levels))
+    event, spikes = levels[-1]
+    norm = float(event.data.get("grad_norm", math.nan))
+    first = spikes[0].step if spikes else event.step
+    signals = {"loss" if e.reason.startswith("loss spike") else "gradient norm" for e in spikes}
+    what = " and ".join(sorted(signals, reverse=True)) if spikes else "gradient norm"
+    evidence = {
+        "new_levels": float(count),
+        "level_grad_norm": norm,
+        "level_step": float(event.step),
+    }
+    if count == 1:
+        message = f"The {what} moved to a new level at step {event.step}"
+    else:
+        where = _steps([e for e, _ in levels])
+        message = (
+            f"The {what} moved to a new level {count} times (steps {where}); the last at "
+            f"step {event.step}"
+        )
+    message += (
+        f" ({'' if what == 'gradient norm' else 'gradient norm '}about {norm:.3g}): the guard "
+        f"took the new level after "
+        f"{len(spikes)} spikes at steps {_steps(spikes)} (skipped), and trained on from "
+        f"step {event.step + 1}."
+    )
+    last_norm = stats.get("grad_norm")
+    last = float(last_norm) if last_norm is not None else math.nan
+    ratio = last / norm if norm > 0 else math.nan
+    if math.isfinite(ratio):
+        evidence |= {"grad_norm": last, "ratio_to_level": ratio}
+    if math.isfinite(ratio) and ratio < 1.0 / level_ratio:
+        message += (
+            f" The gradient norm has since fallen back far below it (last {last:.3g}, "
+            f"{ratio:.2g}x the level): it was a burst of bad batches, not a lasting change, "
+            f"and any steps of it after step {event.step} were trained on: look at the "
+            f"batches from step {first} on."
+        )
+        return Recommendation("new_level", message, evidence)
+    if math.isfinite(ratio):
+        message += f" It is still there (last gradient norm {last:.3g})."
+    message += (
+        " If that was intended (a loss weight, a curriculum stage, an unfrozen block), "
+        f"nothing needs changing; if not, check what changed at step {first}: the data (a "
+        "shard of another scale, unnormalised targets), the loss and its weights, the model."
+    )
+    return Recommendation("new_level", message, evidence)
 
 
 def _plateau(
@@ -264,16 +467,78 @@ def _plateau(
         lr_text += f", effective LR {max(lrs) * factor:.3g}"
     return Recommendation(
         "plateau",
-        f"The loss stopped improving and the LR was reduced {len(reductions)} time(s) "
+        f"The loss stopped improving and PlateauLR reduced the LR {len(reductions)} time(s) "
         f"(steps {_steps(reductions)}; {lr_text}). A schedule that decays earlier (cosine, "
-        "linear decay) would do this on purpose; if the loss still falls when reductions "
-        "fire, raise PlateauLR(patience_steps=...); if it is flat at a high value, the model "
-        "or the data is the limit, not the LR.",
+        "linear decay) would do this on purpose, with PlateauLR off (plateau=None, the "
+        "default); if the loss still falls when reductions fire, raise "
+        "PlateauLR(patience_steps=...); if it is flat at a high value, the model or the data "
+        "is the limit, not the LR.",
         evidence,
     )
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+#: What an LR cut or a rollback answered: an update that wrote non-finite weights, a run
+#: of failed steps, or an absolute threshold of EmergencyLR.
+_CAUSES = ("weights", "failures", "threshold")
+
+
+def _cause(event: Event) -> str:
+    """The cause of an ``lr_cut`` or ``rollback`` event, from its reason."""
+    if _FAILED_RUN.search(event.reason):
+        return "failures"
+    if _THRESHOLD.search(event.reason):
+        return "threshold"
+    return "weights"
+
+
+def _failed_run_text(events: Sequence[Event]) -> str:
+    """``"5 failed steps in a row"`` (the length the events name), for escalation events."""
+    lengths = {m.group(1) for e in events if (m := _FAILED_RUN.search(e.reason))}
+    if len(lengths) == 1:
+        return f"{lengths.pop()} failed steps in a row"
+    return "a run of failed steps"
+
+
+def _spike_skips(events: Sequence[Event]) -> list[Event]:
+    """The recent steps skipped as spikes (a rollback after failures names its cause first)."""
+    return [e for e in events if e.kind in ("skip", "rollback") and "spike" in e.reason]
+
+
+def _new_levels(events: Sequence[Event]) -> list[tuple[Event, list[Event]]]:
+    """Each recent ``new_level`` event with the spike skips it took its level from.
+
+    The spikes are the last ones at or before the event, as many as its reason names
+    ("3 spikes in a row ..."), never one of an earlier level.
+    """
+    levels: list[tuple[Event, list[Event]]] = []
+    spikes: list[Event] = []
+    for event in events:
+        if event.kind not in ("skip", "rollback", "new_level"):
+            continue
+        if event.kind != "new_level":
+            if "spike" in event.reason:
+                spikes.append(event)
+            continue
+        match = _LEVEL_SPIKES.match(event.reason)
+        n = int(match.group(1)) if match else 0
+        level = [s for s in spikes if s.step <= event.step][-n:] if n else []
+        levels.append((event, level))
+        spikes = []
+    return levels
+
+
+def _steps_undone(rollbacks: Sequence[Event]) -> list[float]:
+    """The training steps each rollback undid: from its snapshot (or from the rollback
+    before it, when that one already undid the steps in between) to its own step."""
+    lost: list[float] = []
+    previous = -math.inf
+    for event in rollbacks:
+        if "snapshot_step" in event.data:
+            lost.append(event.step - max(event.data["snapshot_step"], previous))
+        previous = event.step
+    return lost
 
 
 def _is_non_finite(event: Event) -> bool:
