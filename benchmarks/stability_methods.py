@@ -240,7 +240,9 @@ class _Safe(_Runner):
             monitor=Monitor(max_events=1_000_000),
             **copy.deepcopy(self.options),  # stage objects hold state: a fresh copy per run
         )
-        self.safe_loss = SafeLoss(self.base_loss, optimizer=self.safe)
+        # the task's loss is wrapped (a per-batch weight), which hides its layout from
+        # SafeLoss: the time dim is named, as the docs say for a loss of one's own
+        self.safe_loss = SafeLoss(self.base_loss, optimizer=self.safe, time_dim=-1)
         return self.safe
 
     @property

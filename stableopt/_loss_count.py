@@ -80,6 +80,7 @@ class LossCounts:
         self._log = log
         self._nonfinite_folded = 0
         self._size_mismatches = 0
+        self._nonfinite_base = 0  # non-finite losses counted before a resume
         self._skips_seen = 0
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
         _compile_outside_graph()
@@ -88,16 +89,17 @@ class LossCounts:
                 optimizer.monitor.count(name, 0)
             self._skips_seen = optimizer.monitor.counters["skipped_steps"]
             optimizer.register_step_post_hook(_after_step_hook(self))
+            optimizer.register_load_state_dict_post_hook(_after_load_hook(self))
 
     def stats(self) -> dict[str, int]:
-        self._fold(self.nonfinite.read())
+        self._fold(self._nonfinite_base + self.nonfinite.read())
         return {
             "nonfinite_losses": self._nonfinite_folded,
             "size_mismatches": self._size_mismatches,
         }
 
     def events(self) -> list[Event]:
-        self._fold(self.nonfinite.read())
+        self._fold(self._nonfinite_base + self.nonfinite.read())
         return list(self._events)
 
     def note_mismatch(self, mismatch: Mismatch) -> None:
@@ -119,13 +121,24 @@ class LossCounts:
                 size_mismatches=float(count),
             )
 
+    def after_load(self) -> None:
+        """After ``opt.load_state_dict``: the counts go on from the checkpoint's (the
+        optimizer's counters, which hold what every linked loss counted)."""
+        assert self.optimizer is not None
+        counters = self.optimizer.monitor.counters
+        self._nonfinite_base = int(counters.get("nonfinite_losses", 0)) - self.nonfinite.read()
+        self._nonfinite_folded = int(counters.get("nonfinite_losses", 0))
+        self._size_mismatches = int(counters.get("size_mismatches", 0))
+        self._skips_seen = int(counters.get("skipped_steps", 0))
+
     def after_step(self) -> None:
         """After ``opt.step()``: bring the non-finite count to the optimizer's monitor."""
         assert self.optimizer is not None
         skipped = self.optimizer.monitor.counters["skipped_steps"]
         was_skipped, self._skips_seen = skipped != self._skips_seen, skipped
         # The skip already cost a sync: read exactly then, never wait otherwise.
-        self._fold(self.nonfinite.read() if was_skipped else self.nonfinite.poll())
+        seen = self.nonfinite.read() if was_skipped else self.nonfinite.poll()
+        self._fold(self._nonfinite_base + seen)
 
     def _fold(self, count: int) -> None:
         previous = self._nonfinite_folded
@@ -161,6 +174,17 @@ def _after_step_hook(counts: LossCounts) -> Any:
             target.after_step()
 
     return after_step
+
+
+def _after_load_hook(counts: LossCounts) -> Any:
+    ref = weakref.ref(counts)
+
+    def after_load(optimizer: Any) -> None:
+        target = ref()
+        if target is not None:
+            target.after_load()
+
+    return after_load
 
 
 def _compile_outside_graph() -> None:

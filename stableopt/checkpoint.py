@@ -103,7 +103,8 @@ def last_verdict(ours: Mapping[str, Any], step: int) -> StepVerdict | None:
 def check_inner_state(state_dict: Mapping[str, Any], optimizer: Optimizer) -> None:
     """Raise ``ValueError`` unless the inner optimizer's part of ``state_dict`` fits
     ``optimizer``'s parameters: the same groups of the same sizes, every per-parameter state
-    tensor shaped like its parameter (or 0-dim), of a kind the parameter can hold (no complex
+    tensor shaped like its parameter or broadcasting to it (0-dim counters, Adafactor's
+    factored row and column statistics), of a kind the parameter can hold (no complex
     state for a real parameter) and finite. Reads only; nothing is changed.
     """
     groups = state_dict["param_groups"]
@@ -131,7 +132,7 @@ def check_inner_state(state_dict: Mapping[str, Any], optimizer: Optimizer) -> No
         for name, value in state.items():
             if not isinstance(value, Tensor):
                 continue
-            if per_parameter and value.dim() > 0 and value.shape != param.shape:
+            if per_parameter and not _fits(value.shape, param.shape):
                 raise ValueError(
                     f"state_dict holds {name!r} of shape {tuple(value.shape)} for {where}: "
                     "a checkpoint of another model"
@@ -169,3 +170,12 @@ def check_stages(ours: Mapping[str, Any], stages: Mapping[str, Any], monitor: Mo
         else:
             copy.deepcopy(stage).load_state_dict(saved)
     copy.deepcopy(monitor).load_state_dict(ours["monitor"])
+
+
+def _fits(shape: torch.Size, param_shape: torch.Size) -> bool:
+    """A state tensor of ``shape`` belongs to a parameter of ``param_shape``: it broadcasts
+    to it without growing it (a layer of 8 units has no state for one of 16)."""
+    try:
+        return torch.broadcast_shapes(shape, param_shape) == param_shape
+    except RuntimeError:
+        return False

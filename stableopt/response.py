@@ -265,7 +265,9 @@ class Response:
         """Restore the snapshot: the parameters ``only`` names (and their state) when the
         rollback restores what is corrupted, else everything."""
         if self.rollback is None or not self.rollback.has_snapshot:
-            self.raise_divergence(f"{why}, and rollback is off: nothing good to restore")
+            self.raise_divergence(
+                f"{why}, and rollback is off: nothing good to restore", weights_are_good=False
+            )
         assert self.rollback is not None
         partial = bool(only) and self.rollback.scope == "corrupted"
         self.rollback.restore(self.optimizer, only if partial else None)
@@ -307,11 +309,17 @@ class Response:
 
     # -- stopping -----------------------------------------------------------------------
 
-    def raise_divergence(self, why: str) -> None:
-        """Record a ``divergence`` event and raise :class:`DivergenceError`."""
+    def raise_divergence(self, why: str, weights_are_good: bool = True) -> None:
+        """Record a ``divergence`` event and raise :class:`DivergenceError`, saying what the
+        weights are: the last good ones, or (nothing to restore them from) not finite."""
         self.monitor.event("divergence", why)
+        weights = (
+            "The weights are the last good ones."
+            if weights_are_good
+            else "The weights hold NaN/Inf values: there was no snapshot to restore them from."
+        )
         raise DivergenceError(
-            f"stableopt: {why}. The weights are the last good ones. {self._summary()}",
+            f"stableopt: {why}. {weights} {self._summary()}",
             self._stats(),
             self.monitor.events(),
         )

@@ -145,6 +145,8 @@ class Rollback:
 
     def _copy_into(self, buffer: Tensor | None, source: Tensor) -> Tensor:
         source = _local(source)
+        if source.layout != torch.strided:  # sparse state (SGD's momentum on sparse gradients)
+            return source.detach().to("cpu" if self.device == "cpu" else source.device, copy=True)
         if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
             if self.device == "cpu":
                 buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=source.is_cuda)
@@ -284,7 +286,9 @@ def _restore_value(current: Any, saved: Any, param: Tensor) -> Any:
     """The live state value holding ``saved``: copied in place where the shapes allow."""
     if not isinstance(saved, _SavedTensor):
         return saved
-    if isinstance(current, Tensor):
+    if saved.buffer.layout != torch.strided:
+        return saved.buffer.to(saved.device, copy=True)
+    if isinstance(current, Tensor) and current.layout == torch.strided:
         live = _local(current)
         if live.shape == saved.buffer.shape and live.dtype == saved.buffer.dtype:
             live.copy_(saved.buffer, non_blocking=True)
