@@ -240,9 +240,11 @@ class _Safe(_Runner):
             monitor=Monitor(max_events=1_000_000),
             **copy.deepcopy(self.options),  # stage objects hold state: a fresh copy per run
         )
-        # the task's loss is wrapped (a per-batch weight), which hides its layout from
-        # SafeLoss: the time dim is named, as the docs say for a loss of one's own
-        self.safe_loss = SafeLoss(self.base_loss, optimizer=self.safe, time_dim=-1)
+        # SafeLoss wraps the task's own loss (a layout it knows: F.cross_entropy, mse); the
+        # per-batch weight of the poisoned batches is applied after it, and the weighted
+        # loss is what the optimizer is told, as every other method's guard sees it
+        raw = getattr(self.base_loss, "base", self.base_loss)
+        self.safe_loss = SafeLoss(raw, optimizer=self.safe, observe=False)
         return self.safe
 
     @property
@@ -250,7 +252,13 @@ class _Safe(_Runner):
         return self.safe.optimizer
 
     def loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        return self.safe_loss(pred, target)  # type: ignore[no-any-return]
+        loss: Tensor = self.safe_loss(pred, target)
+        weight = float(getattr(self.base_loss, "weight", 1.0))
+        if weight != 1.0:
+            loss = loss * weight
+        if torch.is_grad_enabled():
+            self.safe.observe_loss(loss.detach())
+        return loss
 
     def counters(self) -> tuple[int, int, int]:
         stats = self.safe.stats()
