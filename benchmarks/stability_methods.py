@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from benchmarks.stability_scenarios import _WeightedLoss
 from stableopt.loss import SafeLoss
+from stableopt.stages.rollback import Rollback
 from stableopt.monitor import Monitor
 from stableopt.optimizer import SafeOptimizer
 
@@ -277,9 +278,12 @@ ABLATIONS: tuple[type[_Runner], ...] = (
     _safe_variant("safe-no_clip", clip=None),
     _safe_variant("safe-no_spike", spike=None),
     _safe_variant("safe-no_emergency_lr", emergency_lr=None),
-    _safe_variant("safe-no_plateau", plateau=None),
+    _safe_variant("safe-plateau", plateau="default"),
     _safe_variant("safe-no_rollback", rollback=None),
     _safe_variant("safe-check_weights_off", check_weights="off"),
+    _safe_variant("safe-check_weights_lazy", check_weights="lazy"),
+    _safe_variant("safe-rollback_all", rollback=Rollback(scope="all")),
+    _safe_variant("safe-rollback_every10", rollback=Rollback(every_steps=10)),
 )
 _ALL: tuple[type[_Runner], ...] = (*BASELINES, *PEERS, _Safe, *ABLATIONS)
 METHODS: dict[str, type[_Runner]] = {m.name: m for m in _ALL}

@@ -194,6 +194,12 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario("lr_10x", "learning rate 10x too high", lr_factor=10.0),
         Scenario(
+            "nan_weights",
+            "an update writes NaN into one weight on 1% of steps (silent data corruption)",
+            "nan_weights",
+            0.01,
+        ),
+        Scenario(
             "nan_grad_every7",
             "1% of gradient entries NaN on every 7th step (a persistently bad kernel or rank)",
             "nan_grad",

@@ -103,13 +103,13 @@ class SafeOptimizer(Optimizer):
         max_consecutive_failures: raise :class:`DivergenceError` after this many
             consecutive skipped or rolled-back steps (default ``None``: the
             escalation's, 10; ``>= 1``).
-        check_weights: when to check that the weights are finite. ``"lazy"``
-            (default): only when a step's gradients or loss are non-finite (how a NaN
-            weight shows itself at the next step) and before every snapshot, so a
-            healthy step pays nothing and a snapshot never holds a corrupted state;
-            a corrupting update is rolled back at the next step. ``"every_step"``:
-            after every update (one foreach norm pass over the updated weights), so
-            it is rolled back in the same step. ``"off"``: never.
+        check_weights: when to check that the weights and the optimizer state are
+            finite (:mod:`stableopt.weight_check`). ``"every_step"`` (default): after
+            every update, one exact multi-tensor max-abs pass over the updated parameters
+            and their state, so nothing non-finite ever leaves ``step()``. ``"params"``:
+            the parameters only. ``"lazy"``: only when a step's gradients or loss are
+            non-finite and before every snapshot (a corrupting update is undone at the
+            next step). ``"off"``: never.
         monitor: where counters and events are kept (default ``Monitor()``).
 
     The string ``"default"`` for a stage means its class built with its defaults. A
@@ -188,7 +188,7 @@ class SafeOptimizer(Optimizer):
 
     @property
     def check_weights(self) -> str:
-        """When the weights are checked: ``"lazy"``, ``"every_step"`` or ``"off"``."""
+        """When the weights are checked: ``"every_step"``, ``"params"``, ``"lazy"`` or ``"off"``."""
         return self.weight_check.mode
 
     # -- the inner optimizer's objects, never copies -------------------------------
