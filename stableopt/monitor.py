@@ -39,7 +39,8 @@ class Sink(Protocol):
         """Called once per event, as it happens."""
 
     def on_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Called every ``every_steps`` steps with the values of ``stats()``."""
+        """Called every ``every_steps`` steps with the values of ``stats()``, plus
+        ``clipped_steps``: the steps clipped since the previous call (a list of ints)."""
 
     def close(self) -> None:
         """Flush and release resources."""
@@ -71,9 +72,11 @@ class Monitor:
 
     Sinks (MLflow, TensorBoard, a JSON-lines run log, notifiers; see
     :mod:`stableopt.sinks`) receive every event as it happens and the metrics of
-    ``stats()`` every ``every_steps`` steps. Reading the metrics may sync the
-    device, so it happens only on those steps. A sink that raises is logged
-    (rate-limited) and never stops training.
+    ``stats()`` every ``every_steps`` steps, with ``clipped_steps``: the steps whose
+    gradients were clipped since the last metrics (a clip is too common to be an
+    event; the run log keeps them so that the report can mark them). Reading the
+    metrics may sync the device, so it happens only on those steps. A sink that
+    raises is logged (rate-limited) and never stops training.
 
     Args:
         max_events: how many recent events :meth:`events` keeps (default 256).
@@ -121,10 +124,15 @@ class Monitor:
         self._events: deque[Event] = deque(maxlen=self.max_events)
         self._severities: deque[float] = deque(maxlen=self.health_window)
         self._kind_counts: dict[str, int] = {}
+        self._clipped_steps: list[int] = []  # since the last metrics handed to the sinks
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name``."""
         self.counters[name] = self.counters.get(name, 0) + amount
+        if name == "total_clips" and self.sinks:
+            # which steps clipped goes to the sinks with the next metrics (at most
+            # every_steps entries: the list is handed over and emptied then)
+            self._clipped_steps.append(self.counters["steps"])
 
     def record_step(self, outcome: str) -> None:
         """Record one finished step whose outcome is a key of :data:`SEVERITY`."""
@@ -151,7 +159,8 @@ class Monitor:
         step = self.counters["steps"]
         if not self.sinks or step % self.every_steps:
             return
-        values = metrics()
+        values = {**metrics(), "clipped_steps": self._clipped_steps}
+        self._clipped_steps = []
         for sink in self.sinks:
             self._call(sink, "on_metrics", step, values)
 
