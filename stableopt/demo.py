@@ -9,7 +9,7 @@ into the plain-text table that ``python -m stableopt demo`` prints.
 
 from __future__ import annotations
 
-import logging
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,8 +25,6 @@ from stableopt.loss import SafeLoss
 from stableopt.monitor import Event, Monitor
 from stableopt.optimizer import SafeOptimizer
 from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask, run_training
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "DEMO_FAULTS",
@@ -60,6 +58,10 @@ class MethodResult:
         losses: the training loss of every step run.
         stats: ``SafeOptimizer.stats()`` after the run; ``None`` for a plain optimizer.
         events: ``SafeOptimizer.events()`` after the run; empty for a plain optimizer.
+        clips: one ``Event(step, "clip", reason, data)`` per clipped step, from the
+            step's verdict (``SafeOptimizer.last_verdict``; a clip is counted in
+            ``total_clips`` but is no monitor event: it can be most steps of a run);
+            empty for a plain optimizer. Emergency clips are in ``events``.
         error: the message of the :class:`~stableopt.DivergenceError` that ended
             the run early, or ``None``.
     """
@@ -70,6 +72,7 @@ class MethodResult:
     losses: list[float]
     stats: dict[str, Any] | None = None
     events: list[Event] = field(default_factory=list)
+    clips: list[Event] = field(default_factory=list)
     error: str | None = None
 
     @property
@@ -102,6 +105,11 @@ class DemoResult:
         methods: one :class:`MethodResult` per optimizer, AdamW first.
         reference_loss: held-out loss of AdamW with no faults (the same numbers as
             SafeOptimizer with no faults: it is transparent when no guard fires).
+        outputs: with ``log_dir``, what was written there: a label (``"run log"``,
+            ``"MLflow store"``, ``"TensorBoard log"``, ``"report"``) -> the path and how
+            to open it.
+        skipped_outputs: with ``log_dir``, the outputs not written: label -> why (a
+            missing optional extra names its ``pip install`` command).
     """
 
     steps: int
@@ -110,6 +118,8 @@ class DemoResult:
     schedule: FaultSchedule
     methods: list[MethodResult]
     reference_loss: float
+    outputs: dict[str, str] = field(default_factory=dict)
+    skipped_outputs: dict[str, str] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodResult:
         """The result of the method called ``name``."""
@@ -146,7 +156,8 @@ def run_demo(
         log_dir: if given, the SafeOptimizer run logs to the sinks of
             :func:`stableopt.sinks.default_sinks` there (a JSON-lines run log, MLflow,
             TensorBoard, as installed) every 5 steps, and ``run.png`` is drawn from
-            the run log when matplotlib is installed.
+            the run log when matplotlib is installed; ``outputs`` and
+            ``skipped_outputs`` of the result say what was written and what not.
     """
     check_int("steps", steps, minimum=MIN_STEPS)
     check_int("seed", seed, minimum=0)
@@ -154,10 +165,12 @@ def run_demo(
     schedule = demo_schedule(steps) if schedule is None else schedule
     options = dict(safe_options or {})
     monitor = None
+    skipped: dict[str, str] = {}
     if log_dir is not None:
         from stableopt.sinks import default_sinks
 
-        monitor = Monitor(sinks=default_sinks(log_dir), every_steps=5)
+        sinks = default_sinks(log_dir, on_skip=skipped.__setitem__)
+        monitor = Monitor(sinks=sinks, every_steps=5)
         options["monitor"] = monitor
     task = RegressionTask(seed=seed)
 
@@ -169,6 +182,9 @@ def run_demo(
         model = task.make_model()
         plain = adamw(model.parameters())
         safe = SafeOptimizer(plain, **options) if name == "SafeOptimizer" else None
+        clips: list[Event] = []
+        if safe is not None:
+            safe.register_step_post_hook(functools.partial(_record_clip, clips=clips))
         # the two-constructor swap: SafeOptimizer and SafeLoss, which reports the loss
         loss_fn = (
             SafeLoss(nn.functional.mse_loss, optimizer=safe)
@@ -186,24 +202,70 @@ def run_demo(
                 losses=run.losses,
                 stats=safe.stats() if safe is not None else None,
                 events=safe.events() if safe is not None else [],
+                clips=clips,
                 error=str(run.error) if run.error is not None else None,
             )
         )
+    outputs: dict[str, str] = {}
+    skipped_outputs: dict[str, str] = {}
     if monitor is not None and log_dir is not None:
         monitor.close()
-        _draw(Path(log_dir))
+        outputs, skipped_outputs = _outputs(Path(log_dir), skipped)
     model = task.make_model()
     reference = run_training(model, adamw(model.parameters()), task, steps)
-    return DemoResult(steps, seed, lr, schedule, methods, reference.held_out_loss)
+    return DemoResult(
+        steps, seed, lr, schedule, methods, reference.held_out_loss, outputs, skipped_outputs
+    )
 
 
-def _draw(log_dir: Path) -> None:
+def _record_clip(optimizer: SafeOptimizer, *_: Any, clips: list[Event]) -> None:
+    """A step post-hook: the step's verdict as a ``clip`` line when it clipped an update."""
+    verdict = optimizer.last_verdict
+    if verdict is None or not (verdict.is_accepted and verdict.is_clipped):
+        return
+    if verdict.is_emergency:
+        return  # an emergency_clip event says it already
+    threshold = verdict.clip_threshold
+    if threshold is not None and math.isfinite(threshold) and verdict.clip_coefficient < 1.0:
+        reason = (
+            f"gradient norm {verdict.grad_norm:.4g} above the clip threshold {threshold:.4g}: "
+            f"scaled by {verdict.clip_coefficient:.3g}"
+        )
+        data = {"grad_norm": verdict.grad_norm, "clip_threshold": threshold}
+    else:  # a unit-wise policy (AGC) rescales the units over their limit in place
+        reason = f"gradient norm {verdict.grad_norm:.4g}: units over their limit rescaled"
+        data = {"grad_norm": verdict.grad_norm}
+    clips.append(Event(verdict.step, "clip", reason, data))
+
+
+def _outputs(
+    log_dir: Path, skipped_sinks: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """What the demo wrote into ``log_dir`` (and how to open it), and what it did not."""
+    from stableopt.sinks import MLFLOW_DB, RUN_LOG, TENSORBOARD_DIR
+
+    written = {"run log": str(log_dir / RUN_LOG)}
+    skipped: dict[str, str] = {}
+    if "MLflow" in skipped_sinks:
+        skipped["MLflow store"] = skipped_sinks["MLflow"]
+    else:
+        store = log_dir / MLFLOW_DB
+        written["MLflow store"] = (
+            f"{store} (mlflow ui --backend-store-uri sqlite:///{store.resolve().as_posix()})"
+        )
+    if "TensorBoard" in skipped_sinks:
+        skipped["TensorBoard log"] = skipped_sinks["TensorBoard"]
+    else:
+        events = log_dir / TENSORBOARD_DIR
+        written["TensorBoard log"] = f"{events} (tensorboard --logdir {events})"
     try:
         from stableopt.report import draw_report
 
-        draw_report(log_dir / "run.jsonl", log_dir / "run.png")
+        png = draw_report(log_dir / RUN_LOG, log_dir / "run.png")
+        written["report"] = str(png)
     except ImportError as exc:  # matplotlib is an optional extra
-        log.warning("no run.png: %s", exc)
+        skipped["report (run.png)"] = str(exc)
+    return written, skipped
 
 
 _COLUMNS = (
@@ -248,13 +310,23 @@ def format_report(result: DemoResult) -> str:
             continue
         if method.error is not None:
             lines.append(f"{method.name} raised DivergenceError: {method.error}")
-        lines += ["", f"{method.name} events:"]
-        if not method.events:
+        # the clips among the events, in step order (an event first at a shared step)
+        events = sorted(method.events + method.clips, key=lambda e: e.step)
+        lines += ["", f"{method.name} events (step n: the n-th opt.step() call, counted from 1):"]
+        if not events:
             lines.append("  (none)")
-        step_width = max((len(str(e.step)) for e in method.events), default=1)
-        kind_width = max((len(e.kind) for e in method.events), default=1)
+        step_width = max((len(str(e.step)) for e in events), default=1)
+        kind_width = max((len(e.kind) for e in events), default=1)
         lines += [
             f"  step {str(e.step).rjust(step_width)}  {e.kind.ljust(kind_width)}  {e.reason}"
-            for e in method.events
+            for e in events
+        ]
+    if result.outputs or result.skipped_outputs:
+        lines += ["", "outputs of the SafeOptimizer run:"]
+        width = max(len(label) for label in (*result.outputs, *result.skipped_outputs))
+        lines += [f"  {label.ljust(width)}  {where}" for label, where in result.outputs.items()]
+        lines += [
+            f"  {label.ljust(width)}  skipped: {why}"
+            for label, why in result.skipped_outputs.items()
         ]
     return "\n".join(lines)

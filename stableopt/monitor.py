@@ -1,9 +1,14 @@
 """Counters, events and the health score of a run.
 
 Every intervention is one :class:`Event` (step, kind, reason, numbers). Events are
-kept in a bounded buffer and logged under the ``stableopt`` logger, the first few
+kept in a bounded buffer and logged under the ``stableopt`` logger, the first 5
 of each kind and then every 100th, so a run that skips thousands of steps does not
-flood its log.
+flood its log; the 5th of a kind says so. Every event still reaches the counters,
+:meth:`Monitor.events` and every sink.
+
+Steps are counted from 1: an event's ``step`` is the number of ``step()`` calls so far,
+the skipped ones included, so the first ``step()`` is step 1 and the call in iteration
+``i`` of a loop that counts from 0 is step ``i + 1``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class Sink(Protocol):
         """Called once per event, as it happens."""
 
     def on_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:
-        """Called every ``every_steps`` steps with the values of ``stats()``."""
+        """Called every ``every_steps`` steps with the values of ``stats()``, plus
+        ``clipped_steps``: the steps clipped since the previous call (a list of ints)."""
 
     def close(self) -> None:
         """Flush and release resources."""
@@ -50,7 +56,11 @@ class Event:
     """One intervention.
 
     Attributes:
-        step: the value of the ``steps`` counter when it happened (1 = first step).
+        step: the step it happened at, counted from 1: the number of ``step()`` calls
+            so far, skipped ones included (``stats()["steps"]`` at that moment). The
+            ``step()`` of loop iteration ``i`` (from 0) is step ``i + 1``. torch's own
+            ``optimizer.state[p]["step"]`` counts the updates that ran instead: the two
+            agree until the first skipped step.
         kind: ``"skip"``, ``"rollback"``, ``"divergence"``, ... .
         reason: a sentence saying why, with the numbers.
         data: the numbers behind the decision, by name.
@@ -71,9 +81,14 @@ class Monitor:
 
     Sinks (MLflow, TensorBoard, a JSON-lines run log, notifiers; see
     :mod:`stableopt.sinks`) receive every event as it happens and the metrics of
-    ``stats()`` every ``every_steps`` steps. Reading the metrics may sync the
-    device, so it happens only on those steps. A sink that raises is logged
-    (rate-limited) and never stops training.
+    ``stats()`` every ``every_steps`` steps, with ``clipped_steps``: the steps whose
+    gradients were clipped since the last metrics (a clip is too common to be an
+    event; the run log keeps them so that the report can mark them). Reading the
+    metrics may sync the device, so it happens only on those steps. A sink that
+    raises is logged (rate-limited) and never stops training.
+
+    Event log lines are rate-limited per kind: the first 5, then every 100th; the
+    5th says that the rest are thinned out.
 
     Args:
         max_events: how many recent events :meth:`events` keeps (default 256).
@@ -121,10 +136,15 @@ class Monitor:
         self._events: deque[Event] = deque(maxlen=self.max_events)
         self._severities: deque[float] = deque(maxlen=self.health_window)
         self._kind_counts: dict[str, int] = {}
+        self._clipped_steps: list[int] = []  # since the last metrics handed to the sinks
 
     def count(self, name: str, amount: int = 1) -> None:
         """Add ``amount`` to counter ``name``."""
         self.counters[name] = self.counters.get(name, 0) + amount
+        if name == "total_clips" and self.sinks:
+            # which steps clipped goes to the sinks with the next metrics (at most
+            # every_steps entries: the list is handed over and emptied then)
+            self._clipped_steps.append(self.counters["steps"])
 
     def record_step(self, outcome: str) -> None:
         """Record one finished step whose outcome is a key of :data:`SEVERITY`."""
@@ -139,6 +159,16 @@ class Monitor:
         if seen <= _LOG_FIRST or seen % _LOG_EVERY == 0:
             suffix = f" ({seen} {kind} events so far)" if seen > _LOG_FIRST else ""
             log.warning("step %d: %s: %s%s", event.step, kind, reason, suffix)
+        if seen == _LOG_FIRST:  # say once per kind that the log thins out from here
+            sinks = ", and every one reaches the sinks" if self.sinks else ""
+            log.warning(
+                "%s: further %s events are logged only every %dth; all of them are counted "
+                "in stats(), the recent ones are in events()%s",
+                kind,
+                kind,
+                _LOG_EVERY,
+                sinks,
+            )
         for sink in self.sinks:
             self._call(sink, "on_event", event)
         return event
@@ -151,7 +181,8 @@ class Monitor:
         step = self.counters["steps"]
         if not self.sinks or step % self.every_steps:
             return
-        values = metrics()
+        values = {**metrics(), "clipped_steps": self._clipped_steps}
+        self._clipped_steps = []
         for sink in self.sinks:
             self._call(sink, "on_metrics", step, values)
 
@@ -170,6 +201,10 @@ class Monitor:
             if failures <= _LOG_FIRST or failures % _LOG_EVERY == 0:
                 log.exception(
                     "sink %s failed in %s (failure %d); training goes on", name, method, failures
+                )
+            if failures == _LOG_FIRST:
+                log.warning(
+                    "sink %s: further failures are logged only every %dth", name, _LOG_EVERY
                 )
 
     def events(self) -> list[Event]:

@@ -5,10 +5,13 @@ on one shared step axis:
 
 1. the training loss (when the logged metrics carry a ``loss``; otherwise the
    panel says so);
-2. the gradient norm against the clip threshold (log scale), with the norms the
-   events recorded (a skipped spike, a NaN drawn at the top edge);
+2. the gradient norm against the clip threshold (log scale; a step line, broken
+   where the policy did not clip or clipping was off), with the norms the events
+   recorded (a skipped spike, a NaN drawn at the top edge) and a tick at the bottom
+   for every clipped step;
 3. the LR factor (emergency cuts x plateau reductions; log scale);
 4. the health score;
+5. an event strip: one row per kind, clipped steps included, with its count;
 
 with a vertical marker in every panel for each skip (non-finite or spike),
 rollback, emergency clip, LR cut, plateau reduction, size mismatch (SafeLoss) and
@@ -34,7 +37,7 @@ from typing import Any
 from stableopt.monitor import Event
 from stableopt.recommend import format_recommendations, recommend
 
-__all__ = ["RunLog", "build_parser", "draw_report", "main", "read_run_log", "run"]
+__all__ = ["RunLog", "build_parser", "draw_report", "main", "read_run_log", "run", "threshold_line"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ _MARKERS: dict[str, tuple[str, str, str]] = {
     "spike_skip": ("spike skip", "gold", "-"),
     "rollback": ("rollback", "tab:red", "-"),
     "emergency_clip": ("emergency clip", "tab:purple", ":"),
+    "clip": ("clipped step", "tab:pink", ":"),
     "lr_cut": ("LR cut", "darkred", "--"),
     "plateau": ("plateau cut", "tab:blue", "--"),
     "size_mismatch": ("size mismatch", "tab:gray", ":"),
@@ -56,9 +60,11 @@ class RunLog:
     """What a run log holds.
 
     Attributes:
-        metrics: the ``"metrics"`` lines in order, numbers as floats (``"nan"``,
-            ``"inf"`` read back as floats).
-        events: the ``"event"`` lines as :class:`~stableopt.monitor.Event`.
+        metrics: the ``"metrics"`` lines in order, as written: numbers are numbers,
+            ``null`` (no finite value) is ``None``. (Logs written by stableopt 0.1.0
+            hold the strings ``"nan"`` and ``"inf"`` instead; :meth:`series` reads both.)
+        events: the ``"event"`` lines as :class:`~stableopt.monitor.Event`; a ``null``
+            in an event's data was a non-finite number and reads back as NaN.
         skipped_lines: lines that were not valid JSON (the last line of a log
             still being written, say).
     """
@@ -76,6 +82,28 @@ class RunLog:
                 steps.append(int(record["step"]))
                 values.append(value)
         return steps, values
+
+    def clipped_steps(self) -> list[int]:
+        """The steps whose gradients were clipped, from the metrics' ``clipped_steps``.
+
+        A log without them (written before they were logged) gives the metrics steps
+        at which ``total_clips`` grew: each stands for one or more clips since the
+        previous metrics line.
+        """
+        if any("clipped_steps" in record for record in self.metrics):
+            return sorted(
+                int(step)
+                for record in self.metrics
+                for step in record.get("clipped_steps") or ()
+                if isinstance(step, (int, float)) and not isinstance(step, bool)
+            )
+        steps, previous = [], 0.0
+        for record in self.metrics:
+            total = _number(record.get("total_clips"))
+            if total is not None and total > previous:
+                steps.append(int(record["step"]))
+                previous = total
+        return steps
 
 
 def read_run_log(path: str | Path) -> RunLog:
@@ -95,10 +123,11 @@ def read_run_log(path: str | Path) -> RunLog:
             elif record.get("type") == "metrics" and "step" in record:
                 run.metrics.append(record)
             elif record.get("type") == "event" and "kind" in record:
+                # null in an event's data is a number that was not finite (NaN, Inf)
                 data = {
                     str(k): n
                     for k, v in dict(record.get("data") or {}).items()
-                    if (n := _number(v)) is not None
+                    if (n := math.nan if v is None else _number(v)) is not None
                 }
                 run.events.append(
                     Event(
@@ -138,7 +167,8 @@ def draw_report(
     advice_lines = advice_text.count("\n") + 2
 
     has_loss = bool(run.series("loss")[0])
-    categories = _categories(run.events)
+    clipped = run.clipped_steps()
+    categories = _categories(run.events, clipped)
     strip_height = 0.3 + 0.28 * max(1, len(categories))
     panel_heights = [2.6 if has_loss else 0.7, 2.8, 1.7, 1.4, strip_height]
     text_height = 0.16 * advice_lines
@@ -150,7 +180,7 @@ def draw_report(
     loss_ax, norm_ax, lr_ax, health_ax, strip_ax = axes
 
     _draw_loss(loss_ax, run)
-    _draw_grad_norm(norm_ax, run)
+    _draw_grad_norm(norm_ax, run, clipped)
     _draw_series(lr_ax, run, "lr_factor", "LR factor", "tab:green", log_scale=True)
     _draw_series(health_ax, run, "system_health", "health", "tab:cyan")
     health_ax.set_ylim(-0.05, 1.05)
@@ -221,12 +251,20 @@ def _draw_loss(ax: Any, run: RunLog) -> None:
     _draw_series(ax, run, "loss", "loss", "tab:blue", log_scale=all(v > 0 for v in values))
 
 
-def _draw_grad_norm(ax: Any, run: RunLog) -> None:
+def _draw_grad_norm(ax: Any, run: RunLog, clipped: Sequence[int]) -> None:
     drew = _draw_series(ax, run, "grad_norm", "gradient norm", "tab:blue", log_scale=True)
-    steps, thresholds = run.series("clip_threshold")
-    finite = [(s, t) for s, t in zip(steps, thresholds) if math.isfinite(t) and t > 0]
-    if finite:
-        ax.plot(*zip(*finite), color="tab:red", lw=1.2, ls="--", label="clip threshold")
+    has_threshold = _draw_threshold(ax, run)
+    if clipped:
+        ax.scatter(
+            clipped,
+            [0.02] * len(clipped),
+            marker="|",
+            s=60,
+            color=_MARKERS["clip"][1],
+            zorder=3,
+            transform=ax.get_xaxis_transform(),
+            label=f"clipped step ({len(clipped)})",
+        )
     # The norms the events saw: the spikes and NaNs that the sampled metrics miss.
     seen = [(e.step, e.data["grad_norm"]) for e in run.events if "grad_norm" in e.data]
     finite_seen = [(s, g) for s, g in seen if math.isfinite(g) and g > 0]
@@ -245,9 +283,52 @@ def _draw_grad_norm(ax: Any, run: RunLog) -> None:
             transform=ax.get_xaxis_transform(),
             label="NaN/Inf norm",
         )
-    if drew or finite or finite_seen:
+    if drew or has_threshold or finite_seen:
         ax.set_yscale("log")
+    if drew or has_threshold or finite_seen or clipped or bad:
         ax.legend(loc="upper right", fontsize=8)
+
+
+def threshold_line(run: RunLog) -> tuple[list[float], list[float]]:
+    """The clip threshold of the metrics lines as a step line's ``(x, y)``, broken by NaN.
+
+    A metrics line whose threshold is ``null`` (the policy did not clip that step, or
+    clipping is off), infinite or not positive has no threshold: the line breaks
+    there instead of joining its neighbours. Each stretch of thresholds is drawn as
+    steps (a value holds until the next metrics line of the stretch) and ends at its
+    last logged step, so nothing is drawn where no threshold was logged.
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    for record in run.metrics:
+        value = _number(record.get("clip_threshold"))
+        step = float(record["step"])
+        if value is not None and math.isfinite(value) and value > 0:
+            xs.append(step)
+            ys.append(value)
+        elif ys and not math.isnan(ys[-1]):
+            xs.append(xs[-1])  # the break sits on the stretch's last step: no segment
+            ys.append(math.nan)
+    return xs, ys
+
+
+def _draw_threshold(ax: Any, run: RunLog) -> bool:
+    xs, ys = threshold_line(run)
+    if not xs:
+        return False
+    color = "tab:red"
+    ax.plot(xs, ys, color=color, lw=1.2, ls="--", drawstyle="steps-post", label="clip threshold")
+    # a stretch of one metrics line is a single point, which a line does not draw
+    single = [
+        (x, y)
+        for i, (x, y) in enumerate(zip(xs, ys))
+        if math.isfinite(y)
+        and (i == 0 or math.isnan(ys[i - 1]))
+        and (i + 1 == len(ys) or math.isnan(ys[i + 1]))
+    ]
+    if single:
+        ax.scatter(*zip(*single), marker="_", s=80, color=color, linewidths=1.5, zorder=3)
+    return True
 
 
 def _draw_series(
@@ -268,13 +349,15 @@ def _draw_series(
     return True
 
 
-def _categories(events: Sequence[Event]) -> dict[str, list[int]]:
+def _categories(events: Sequence[Event], clipped: Sequence[int] = ()) -> dict[str, list[int]]:
     """The steps of each marker category present, in the order of ``_MARKERS``."""
     steps: dict[str, list[int]] = {}
     for event in events:
         category = _category(event)
         if category is not None:
             steps.setdefault(category, []).append(event.step)
+    if clipped:
+        steps["clip"] = list(clipped)
     return {c: steps[c] for c in _MARKERS if c in steps}
 
 
@@ -282,7 +365,8 @@ def _draw_markers(panels: Sequence[Any], strip: Any, categories: dict[str, list[
     """A faint line per event across the panels; one row per category in the strip."""
     for row, (category, steps) in enumerate(categories.items()):
         _, color, style = _MARKERS[category]
-        for ax in panels:
+        # clips can be most steps of a run: a row of the strip, not lines across the panels
+        for ax in panels if category != "clip" else ():
             ax.vlines(
                 steps,
                 0,

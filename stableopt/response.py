@@ -222,10 +222,16 @@ class Response:
 
     def _skip_cause(self, verdict: StepVerdict) -> str:
         grad_norm, reason = verdict.grad_norm, verdict.skip_reason
+        if reason is SkipReason.NONFINITE_GRADS and not verdict.loss_finite:
+            # the loss is the cause: the gradients computed from it are non-finite with it
+            return (
+                f"the loss is NaN/Inf ({verdict.loss}), and so are the gradients computed "
+                f"from it (gradient norm {grad_norm})"
+            )
         if reason is SkipReason.NONFINITE_GRADS:
             return f"gradient norm is {grad_norm} (NaN/Inf in the gradients)"
         if reason is SkipReason.NONFINITE_LOSS:
-            return "the loss is NaN/Inf"
+            return f"the loss is NaN/Inf ({verdict.loss}) with finite gradients"
         if reason is SkipReason.ABOVE_SKIP_LIMIT:
             limit = self.emergency_clip.skip_above if self.emergency_clip is not None else None
             return f"gradient norm {grad_norm:.4g} is above skip_above={limit}"

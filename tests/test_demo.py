@@ -143,9 +143,17 @@ def test_format_report_has_a_row_per_method_and_the_events(demo: DemoResult) -> 
     lines = text.splitlines()
     assert any(line.startswith("AdamW") and " nan " in line for line in lines)
     assert any(line.startswith("SafeOptimizer") and "never" in line for line in lines)
-    assert sum(line.lstrip().startswith("step ") for line in lines) == len(
-        demo.method("SafeOptimizer").events
+    safe = demo.method("SafeOptimizer")
+    listed = [line.split()[:3] for line in lines if line.lstrip().startswith("step ")]
+    # every event and every clipped step, once each, in step order
+    assert len(listed) == len(safe.events) + len(safe.clips)
+    assert (
+        safe.clips and len(safe.clips) + safe.stats["emergency_clips"] == safe.stats["total_clips"]
     )
+    assert [int(step) for _, step, _ in listed] == sorted(e.step for e in safe.events + safe.clips)
+    assert sorted(int(step) for _, step, kind in listed if kind == "clip") == [
+        e.step for e in safe.clips
+    ]
 
 
 def test_cli_demo_runs_as_a_module() -> None:

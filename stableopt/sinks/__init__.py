@@ -47,7 +47,12 @@ MLFLOW_DB = "mlflow.db"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def default_sinks(log_dir: str | Path, *, run_name: str | None = None) -> list[Sink]:
+def default_sinks(
+    log_dir: str | Path,
+    *,
+    run_name: str | None = None,
+    on_skip: Callable[[str, str], None] | None = None,
+) -> list[Sink]:
     """The sinks of a run directory: a JSON-lines run log, MLflow and TensorBoard.
 
     Inside ``log_dir`` (created if missing):
@@ -66,6 +71,10 @@ def default_sinks(log_dir: str | Path, *, run_name: str | None = None) -> list[S
     Args:
         log_dir: the run directory.
         run_name: the name of the MLflow run.
+        on_skip: called as ``on_skip(name, reason)`` for each sink left out
+            (``"MLflow"`` or ``"TensorBoard"``, and the error, which names the
+            ``pip install`` command of a missing extra), besides the warning; for a
+            command that tells its user what it did not write.
     """
     directory = Path(log_dir)
     directory.mkdir(parents=True, exist_ok=True)
@@ -84,8 +93,9 @@ def default_sinks(log_dir: str | Path, *, run_name: str | None = None) -> list[S
     for name, build in builders:
         try:
             sinks.append(build())
-        except ImportError as exc:
-            log.warning("no %s logging for %s: %s", name, directory, exc)
-        except Exception as exc:  # a broken store must not stop the run from starting
-            log.warning("no %s logging for %s: %s: %s", name, directory, type(exc).__name__, exc)
+        except Exception as exc:  # a missing extra or a broken store must not stop the run
+            reason = str(exc) if isinstance(exc, ImportError) else f"{type(exc).__name__}: {exc}"
+            log.warning("no %s logging for %s: %s", name, directory, reason)
+            if on_skip is not None:
+                on_skip(name, reason)
     return sinks

@@ -57,15 +57,18 @@ def metric_values(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` as strict JSON data: non-finite floats become ``"nan"``, ``"inf"``, ``"-inf"``.
+    """``value`` as strict JSON data: numbers stay numbers, a non-finite float becomes ``None``.
 
-    ``float()`` reads those strings back; strict JSON readers (``jq``, browsers)
-    reject the bare ``NaN`` that :func:`json.dumps` writes by default.
+    JSON has no NaN or infinity (strict readers such as ``jq`` and browsers reject
+    the bare ``NaN`` that :func:`json.dumps` writes by default), so a NaN or an
+    infinite number is written as ``null``: "no finite value". An event's reason
+    says which it was (``"gradient norm is nan"``); a clip threshold of ``inf``
+    means the policy did not clip that step.
     """
     if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
         return value
     if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+        return value if math.isfinite(value) else None
     if isinstance(value, Mapping):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

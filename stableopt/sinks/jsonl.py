@@ -3,12 +3,16 @@
 ``python -m stableopt report RUN.jsonl`` (:mod:`stableopt.report`) draws it. The lines::
 
     {"type": "start", "time": 1732500000.0, "version": "0.1.0"}
-    {"type": "metrics", "step": 50, "time": ..., "system_health": 1.0, "grad_norm": 0.41, ...}
+    {"type": "metrics", "step": 50, "time": ..., "system_health": 1.0, "grad_norm": 0.41,
+     "clip_threshold": null, "clipped_steps": [43, 47], ...}
     {"type": "event", "step": 61, "time": ..., "kind": "skip", "reason": "...", "data": {...}}
 
 Metric lines carry every value of ``stats()`` (and ``loss`` when the metrics have
-one). The file is strict JSON: a non-finite number is written as the string
-``"nan"``, ``"inf"`` or ``"-inf"``, which ``float()`` reads back.
+one), and ``clipped_steps``, the steps clipped since the previous metrics line.
+Every number is a JSON number; the file is strict JSON, which has no NaN or
+infinity, so a non-finite number (a NaN gradient norm, the ``inf`` clip threshold of
+a step the policy did not clip) is written as ``null``, as is a value that does not
+exist (no loss seen, clipping off). A numeric field is never a string.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from stableopt.monitor import Event
@@ -70,26 +72,27 @@ class MLflowSink:
         self.prefix = prefix
         self.synchronous = bool(synchronous)
         self._operations: list[Any] = []  # asynchronous batches not yet waited for
-        self._client = MlflowClient(tracking_uri)
         self._pending: list[Any] = []
         self._event_counts: dict[str, int] = {}
-        active = mlflow.active_run()
-        same_store = tracking_uri is None or tracking_uri == mlflow.get_tracking_uri()
-        if run_id is not None:
-            self.run_id, self.owns_run = run_id, False
-        elif active is not None and same_store:
-            self.run_id, self.owns_run = active.info.run_id, False
-        else:
-            experiment = self._client.get_experiment_by_name(experiment_name)
-            experiment_id = (
-                experiment.experiment_id
-                if experiment is not None
-                else self._client.create_experiment(
-                    experiment_name, artifact_location=artifact_location
+        with _quiet_mlflow():  # creating a store logs its INFO lines
+            self._client = MlflowClient(tracking_uri)
+            active = mlflow.active_run()
+            same_store = tracking_uri is None or tracking_uri == mlflow.get_tracking_uri()
+            if run_id is not None:
+                self.run_id, self.owns_run = run_id, False
+            elif active is not None and same_store:
+                self.run_id, self.owns_run = active.info.run_id, False
+            else:
+                experiment = self._client.get_experiment_by_name(experiment_name)
+                experiment_id = (
+                    experiment.experiment_id
+                    if experiment is not None
+                    else self._client.create_experiment(
+                        experiment_name, artifact_location=artifact_location
+                    )
                 )
-            )
-            run = self._client.create_run(experiment_id, run_name=run_name)
-            self.run_id, self.owns_run = run.info.run_id, True
+                run = self._client.create_run(experiment_id, run_name=run_name)
+                self.run_id, self.owns_run = run.info.run_id, True
 
     def on_event(self, event: Event) -> None:
         """Count the event; its metric goes out with the next batch."""
@@ -114,13 +117,14 @@ class MLflowSink:
 
     def close(self) -> None:
         """Write what is pending and wait for it; end the run if the sink started it."""
-        self._flush()
-        operations, self._operations = self._operations, []
-        for operation in operations:
-            operation.wait()
-        if self.owns_run:
-            self._client.set_terminated(self.run_id, "FINISHED")
-            self.owns_run = False
+        with _quiet_mlflow():
+            self._flush()
+            operations, self._operations = self._operations, []
+            for operation in operations:
+                operation.wait()
+            if self.owns_run:
+                self._client.set_terminated(self.run_id, "FINISHED")
+                self.owns_run = False
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, []
@@ -136,3 +140,20 @@ class MLflowSink:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+@contextlib.contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """MLflow's own INFO lines ("Creating initial MLflow database tables...") kept off the
+    console during our calls: its ``mlflow`` logger (which prints to stderr itself and
+    does not propagate) is raised to WARNING meanwhile, and restored after. The root
+    logger and the user's handlers are not touched; a level the user set at WARNING or
+    above stays as it is."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    if logger.getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -221,8 +221,8 @@ class WebhookSink(Notifier):
          "data": {"snapshot_step": 0.0}, "suppressed": 0}
 
     ``text`` is what Slack and Mattermost incoming webhooks display; the other
-    fields are for a receiver of your own. Non-finite numbers are sent as the
-    strings ``"nan"``/``"inf"`` (strict JSON).
+    fields are for a receiver of your own. Non-finite numbers are sent as
+    ``null`` (strict JSON has no NaN or infinity; the reason says which it was).
 
     Args:
         url: the endpoint (``http://`` or ``https://``).
