@@ -65,3 +65,26 @@ def test_importing_the_package_pulls_in_no_compiler_and_no_scipy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert result.stdout.strip() == ""
+
+
+def test_the_wheel_says_what_it_is_and_that_it_is_typed(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    assert "stableopt/py.typed" in names  # PEP 561: type checkers read our annotations
+    (metadata_name,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    metadata = wheel.read(metadata_name).decode()
+    fields: dict[str, list[str]] = {}
+    for line in metadata.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(": ")
+        fields.setdefault(key, []).append(value)
+    assert fields["Summary"][0].startswith("A drop-in PyTorch optimizer wrapper")
+    assert "Apache-2.0" in (fields.get("License", []) + fields.get("License-Expression", []))
+    assert fields["Author"] == ["The stableopt developers"]
+    urls = dict(u.split(", ", 1) for u in fields["Project-URL"])
+    assert {"Homepage", "Repository", "Documentation", "Issues"} <= urls.keys()
+    classifiers = fields["Classifier"]
+    assert "Typing :: Typed" in classifiers
+    assert {
+        "Programming Language :: Python :: 3.10",
+        "Programming Language :: Python :: 3.11",
+    } <= set(classifiers)
+    assert fields["Requires-Python"] == [">=3.10"]
