@@ -24,9 +24,9 @@ from torch.optim import Optimizer
 
 from benchmarks.stability_scenarios import _WeightedLoss
 from stableopt.loss import SafeLoss
-from stableopt.stages.rollback import Rollback
 from stableopt.monitor import Monitor
 from stableopt.optimizer import SafeOptimizer
+from stableopt.stages.rollback import Rollback
 
 __all__ = [
     "ABLATIONS",
@@ -278,6 +278,7 @@ ABLATIONS: tuple[type[_Runner], ...] = (
     _safe_variant("safe-no_clip", clip=None),
     _safe_variant("safe-no_spike", spike=None),
     _safe_variant("safe-no_emergency_lr", emergency_lr=None),
+    _safe_variant("safe-no_hot_lr", hot_lr=None),
     _safe_variant("safe-plateau", plateau="default"),
     _safe_variant("safe-no_rollback", rollback=None),
     _safe_variant("safe-check_weights_off", check_weights="off"),

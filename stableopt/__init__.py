@@ -12,6 +12,7 @@ from stableopt.stages import (
     EmergencyClip,
     EmergencyLR,
     FixedClip,
+    HotLR,
     PercentileClip,
     PlateauLR,
     Rollback,
@@ -20,7 +21,7 @@ from stableopt.stages import (
     StepNumbers,
     ZScoreClip,
 )
-from stableopt.verdict import SkipReason, StepVerdict
+from stableopt.verdict import SkipReason, StepOutcome, StepVerdict
 
 __all__ = [
     "AGCClip",
@@ -32,6 +33,7 @@ __all__ = [
     "Escalation",
     "Event",
     "FixedClip",
+    "HotLR",
     "Monitor",
     "PercentileClip",
     "PlateauLR",
@@ -44,6 +46,7 @@ __all__ = [
     "SpikeGuard",
     "Stage",
     "StepNumbers",
+    "StepOutcome",
     "StepVerdict",
     "ZScoreClip",
 ]

@@ -68,6 +68,8 @@ def check_same_setup(ours: Any, optimizer: Optimizer, stages: Mapping[str, Any])
         )
     saved = ours.get("stage_classes", {})
     for name, stage in stages.items():
+        if name not in saved:
+            continue  # a stage newer than the state dict: it starts fresh
         here = qualname(stage) if stage is not None else None
         if saved.get(name) != here:
             raise ValueError(
@@ -79,7 +81,7 @@ def check_same_setup(ours: Any, optimizer: Optimizer, stages: Mapping[str, Any])
 def load_stages(ours: Mapping[str, Any], stages: Mapping[str, Any], monitor: Monitor) -> None:
     """Load every stage's state and the monitor's (after :func:`check_same_setup`)."""
     for name, stage in stages.items():
-        if stage is not None:
+        if stage is not None and name in ours["stages"]:
             stage.load_state_dict(ours["stages"][name])
     monitor.load_state_dict(ours["monitor"])
 
@@ -162,8 +164,8 @@ def check_stages(ours: Mapping[str, Any], stages: Mapping[str, Any], monitor: Mo
     their count is checked instead.
     """
     for name, stage in stages.items():
-        if stage is None:
-            continue
+        if stage is None or name not in ours["stages"]:
+            continue  # off, or newer than the state dict (it starts fresh)
         saved = ours["stages"][name]
         if name == "rollback":
             stage.check_state_dict(saved)

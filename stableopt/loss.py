@@ -36,7 +36,7 @@ from stableopt._checks import check_choice, check_float
 from stableopt._loss_count import LossCounts
 from stableopt._loss_mask import Unreduced, check_lengths, masked_loss
 from stableopt.monitor import Event
-from stableopt.optimizer import SafeOptimizer
+from stableopt.optimizer import SafeOptimizer, find_safe_optimizer
 
 __all__ = ["ConsistencyLoss", "SafeLoss"]
 
@@ -160,10 +160,14 @@ class SafeLoss(nn.Module):
         super().__init__()
         _check_loss(loss)
         if optimizer is not None and not isinstance(optimizer, SafeOptimizer):
-            raise TypeError(
-                "optimizer must be a stableopt.SafeOptimizer or None, got "
-                f"{type(optimizer).__name__}; wrap it first: SafeOptimizer(optimizer)"
-            )
+            found = find_safe_optimizer(optimizer)  # accelerate's or Lightning's wrapper
+            if found is None:
+                raise TypeError(
+                    "optimizer must be a stableopt.SafeOptimizer (or a wrapper of one, such "
+                    f"as accelerate's) or None, got {type(optimizer).__name__}; wrap it "
+                    "first: SafeOptimizer(optimizer)"
+                )
+            optimizer = found
         if time_dim is not None and (isinstance(time_dim, bool) or not isinstance(time_dim, int)):
             raise TypeError(f"time_dim must be an int or None, got {type(time_dim).__name__}")
         for name, flag in (("elementwise", elementwise), ("observe", observe)):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from stableopt import checkpoint, recommend
+from stableopt import _accelerate, checkpoint, recommend
 from stableopt._checks import check_int
 from stableopt.escalation import Escalation
 from stableopt.gate import Gate
@@ -41,11 +41,12 @@ from stableopt.response import Response
 from stableopt.stages.base import ClipPolicy, Stage
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
+from stableopt.stages.hot_lr import HotLR
 from stableopt.stages.plateau import PlateauLR
 from stableopt.stages.registry import resolve_clip, resolve_stage
 from stableopt.stages.rollback import Rollback
 from stableopt.stages.spike import SpikeGuard
-from stableopt.verdict import StepVerdict
+from stableopt.verdict import StepOutcome, StepVerdict
 from stableopt.weight_check import WeightCheck
 
 __all__ = ["SafeOptimizer"]
@@ -86,6 +87,9 @@ class SafeOptimizer(Optimizer):
             own recent values (:class:`~stableopt.stages.spike.SpikeGuard`).
         emergency_lr: cut the LR when an update made the state bad (with a rollback),
             and recover it gradually (:class:`~stableopt.stages.emergency_lr.EmergencyLR`).
+        hot_lr: cut the LR, with a rollback, when the loss climbs and stays far above where
+            the run started: the LR is too hot (:class:`~stableopt.stages.hot_lr.HotLR`;
+            needs the loss).
         plateau: lower the LR when the training loss stops improving
             (:class:`~stableopt.stages.plateau.PlateauLR`; needs the loss). Off by default
             (``None``): a healthy run whose loss flattens is not a fault, and on the
@@ -133,6 +137,7 @@ class SafeOptimizer(Optimizer):
         emergency_clip: EmergencyClip | Literal["default"] | None = "default",
         spike: SpikeGuard | Literal["default"] | None = "default",
         emergency_lr: EmergencyLR | Literal["default"] | None = "default",
+        hot_lr: HotLR | Literal["default"] | None = "default",
         plateau: PlateauLR | Literal["default"] | None = None,
         rollback: Rollback | Literal["default"] | None = "default",
         escalation: Escalation | Literal["default"] = "default",
@@ -153,6 +158,7 @@ class SafeOptimizer(Optimizer):
         self.emergency_clip = resolved_emergency_clip if self.clip is not None else None
         self.spike = resolve_stage("spike", spike, SpikeGuard)
         self.emergency_lr = resolve_stage("emergency_lr", emergency_lr, EmergencyLR)
+        self.hot_lr = resolve_stage("hot_lr", hot_lr, HotLR)
         self.plateau = resolve_stage("plateau", plateau, PlateauLR)
         self.rollback = resolve_stage("rollback", rollback, Rollback)
         if escalation is None:
@@ -172,6 +178,7 @@ class SafeOptimizer(Optimizer):
             spike=self.spike,
             emergency_lr=self.emergency_lr,
             plateau=self.plateau,
+            hot_lr=self.hot_lr,
             rollback=self.rollback,
             monitor=self.monitor,
             escalation=self.escalation,
@@ -287,6 +294,7 @@ class SafeOptimizer(Optimizer):
             weights_checked_after_updates=self.weight_check.after_every_update,
         )
         self.monitor.end_step(self.stats)
+        _accelerate.ensure_patched()
         return loss
 
     # -- the stages of step(), in order ---------------------------------------------
@@ -316,10 +324,13 @@ class SafeOptimizer(Optimizer):
         if observed:
             return observed[0] if len(observed) == 1 else torch.stack(observed).mean()
         if not self._said_no_loss and (
-            self.plateau is not None or (self.spike and self.spike.watch_loss)
+            self.plateau is not None
+            or self.hot_lr is not None
+            or (self.spike and self.spike.watch_loss)
         ):
             log.info(
-                "no loss seen: plateau scheduling and the loss-spike guard are inactive until "
+                "no loss seen: plateau scheduling, the hot-LR watch and the loss-spike guard are "
+                "inactive until "
                 "step(closure), SafeLoss(optimizer=...) or opt.observe_loss(loss) provides one"
             )
             self._said_no_loss = True
@@ -367,8 +378,29 @@ class SafeOptimizer(Optimizer):
     # -- what it did ----------------------------------------------------------------
 
     @property
+    def last_step(self) -> StepOutcome | None:
+        """What the last ``step()`` did in the end (``None`` before the first): the update
+        kept, skipped, rolled back or the run stopped; why; the clip coefficient; our LR
+        factor. Host values: reading it never syncs.
+
+        A step that GradScaler skips on its own (a non-fused optimizer under
+        ``torch.amp.GradScaler``) never calls ``step()``, so it does not show here; a fused
+        one hands us GradScaler's ``found_inf`` and does (``status="skipped"``).
+        """
+        return self.response.last_outcome
+
+    @property
+    def step_was_skipped(self) -> bool:
+        """Whether the last ``step()`` left its update out of the weights (skipped, rolled
+        back or stopped): the name accelerate uses. Under ``accelerator.prepare``,
+        ``accelerator.optimizer_step_was_skipped`` reads it, so the Hugging Face Trainer
+        does not step its LR scheduler after such a step (as after GradScaler's own skip)."""
+        outcome = self.response.last_outcome
+        return outcome is not None and outcome.was_skipped
+
+    @property
     def lr_factor(self) -> float:
-        """Our current LR multiplier: emergency factor x plateau factor (1.0 = none)."""
+        """Our current LR multiplier: emergency x hot-LR x plateau factor (1.0 = none)."""
         return self.response.lr_factor
 
     def effective_lr(self) -> list[Any]:
@@ -420,6 +452,7 @@ class SafeOptimizer(Optimizer):
             "emergency_clip": self.emergency_clip,
             "spike": self.spike,
             "emergency_lr": self.emergency_lr,
+            "hot_lr": self.hot_lr,
             "plateau": self.plateau,
             "rollback": self.rollback,
             "escalation": self.escalation,
@@ -573,3 +606,25 @@ def _scalar_loss(loss: Tensor) -> Tensor:
     if value.dtype != torch.float32:
         value = value.float()
     return value if value.dim() == 0 else value.mean()
+
+
+def find_safe_optimizer(optimizer: Any) -> SafeOptimizer | None:
+    """The :class:`~stableopt.SafeOptimizer` inside ``optimizer``, or ``None``.
+
+    Follows wrappers down to the real object: accelerate's ``AcceleratedOptimizer``
+    (``.optimizer``) and Lightning's ``LightningOptimizer`` (``._optimizer``). The
+    latter is itself an instance of the class it wraps (Lightning builds a subclass
+    of it), so it is unwrapped before the ``isinstance`` test: methods that set
+    attributes, called on the wrapper, would set them on the wrapper only.
+    """
+    seen: set[int] = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        wrapped = optimizer.__dict__.get("_optimizer") if hasattr(optimizer, "__dict__") else None
+        if isinstance(wrapped, Optimizer):
+            optimizer = wrapped
+            continue
+        if isinstance(optimizer, SafeOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None

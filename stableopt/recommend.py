@@ -50,6 +50,10 @@ _EXAMPLES = 5  # steps quoted per recommendation
 _FAILED_RUN = re.compile(r"(\d+) steps in a row failed")
 _LEVEL_SPIKES = re.compile(r"^(\d+) spikes in a row")
 _THRESHOLD = re.compile(r"\b(grad_norm_threshold|loss_threshold)=")
+_HOT = re.compile(r"the LR is too hot")
+_HOT_LEVEL = re.compile(
+    r"the loss level (\S+) has stayed (\S+)x above the level the run started from \((\S+);"
+)
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,8 @@ class Recommendation:
 
     Attributes:
         kind: which rule gave it: ``"lower_lr"``, ``"clipping"``, ``"non_finite"``,
-            ``"size_mismatch"``, ``"rollback"``, ``"spikes"``, ``"new_level"`` or
-            ``"plateau"``.
+            ``"size_mismatch"``, ``"rollback"``, ``"hot_lr"``, ``"spikes"``,
+            ``"new_level"`` or ``"plateau"``.
         message: the advice in plain language, with the numbers.
         evidence: the numbers behind it, by name (counts, rates, learning rates,
             gradient norms; ``steps`` lists are in ``message``).
@@ -115,6 +119,7 @@ def recommend(
         _non_finite(stats, events),
         _size_mismatch(stats),
         _rollback(stats, events),
+        _hot_lr(stats, events, lrs),
         _spikes(stats, events, levels, min_spike_skips),
         _new_level(stats, levels, level_ratio),
         _plateau(stats, events, lrs),
@@ -135,7 +140,7 @@ def format_recommendations(advice: Sequence[Recommendation]) -> str:
 def _lower_lr(
     stats: Mapping[str, Any], events: Sequence[Event], lrs: Sequence[float] | None, min_cuts: int
 ) -> Recommendation | None:
-    cuts = [e for e in events if e.kind == "lr_cut"]
+    cuts = [e for e in events if e.kind == "lr_cut" and _cause(e) != "hot"]  # see hot_lr
     if len(cuts) < min_cuts:
         return None
     deepest = min(e.data.get("new_factor", 1.0) for e in cuts)
@@ -195,6 +200,41 @@ def _lower_lr(
         lower = lower[0].lower() + lower[1:]
     message += f" {lower}"
     return Recommendation("lower_lr", message, evidence)
+
+
+def _hot_lr(
+    stats: Mapping[str, Any], events: Sequence[Event], lrs: Sequence[float] | None
+) -> Recommendation | None:
+    cuts = [e for e in events if e.kind == "lr_cut" and _cause(e) == "hot"]
+    if not cuts:
+        return None
+    factor = min(e.data.get("new_factor", 1.0) for e in cuts)
+    evidence = {"hot_lr_cuts": float(len(cuts)), "hot_lr_factor": factor}
+    climbs = [m for e in cuts if (m := _HOT_LEVEL.search(e.reason))]
+    climbed = ""
+    if climbs:
+        level, times, start = climbs[0].groups()
+        climbed = f" (at step {cuts[0].step}: a loss level of {level}, {times}x the {start} it started from)"
+        evidence["climb_ratio"] = float(times)
+    message = (
+        f"The loss climbed above where the run started and stayed there{climbed}: the learning "
+        f"rate was too hot for this run. It was cut {len(cuts)} time(s) (steps {_steps(cuts)}), "
+        f"each time back to the weights from before the climb; the factor on your schedule "
+        f"is now {factor:.3g}."
+    )
+    if lrs:
+        lr = max(lrs)
+        evidence |= {"lr": lr, "cut_lr": lr * factor}
+        message += (
+            f" Start the next run with a peak LR near {lr * factor:.3g} ({lr:.3g} x "
+            f"{factor:.3g}, the LR that trained after the cut), or warm up for longer."
+        )
+    else:
+        message += (
+            f" Start the next run near {factor:.3g}x this LR (the LR that trained after the "
+            "cut), or warm up for longer."
+        )
+    return Recommendation("hot_lr", message, evidence)
 
 
 def _clipping(
@@ -299,11 +339,13 @@ def _rollback(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendati
     recent = [e for e in events if e.kind == "rollback"]
     weights = [e for e in recent if _cause(e) == "weights"]
     failures = [e for e in recent if _cause(e) == "failures"]
+    hot = [e for e in recent if _cause(e) == "hot"]
     lost = _steps_undone(recent)
     evidence = {
         "rollbacks": float(rollbacks),
         "weight_rollbacks": float(len(weights)),
         "failure_rollbacks": float(len(failures)),
+        "hot_lr_rollbacks": float(len(hot)),
     }
     steps_lost = ""
     if lost:
@@ -325,6 +367,11 @@ def _rollback(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendati
             f"{len(failures)} after {_failed_run_text(failures)} (steps {_steps(failures)}; "
             f"the last failed for: {last_cause}), so many that the state, not the inputs, "
             "was taken to be failing, and the LR was cut too"
+        )
+    if hot:
+        causes.append(
+            f"{len(hot)} when the LR was found too hot, back to the weights from before the "
+            f"loss climbed (steps {_steps(hot)}; see hot_lr)"
         )
     message += (
         " "
@@ -480,12 +527,14 @@ def _plateau(
 # -- helpers ----------------------------------------------------------------------------
 
 #: What an LR cut or a rollback answered: an update that wrote non-finite weights, a run
-#: of failed steps, or an absolute threshold of EmergencyLR.
-_CAUSES = ("weights", "failures", "threshold")
+#: of failed steps, an absolute threshold of EmergencyLR, or a loss that climbed (HotLR).
+_CAUSES = ("weights", "failures", "threshold", "hot")
 
 
 def _cause(event: Event) -> str:
     """The cause of an ``lr_cut`` or ``rollback`` event, from its reason."""
+    if _HOT.search(event.reason):
+        return "hot"
     if _FAILED_RUN.search(event.reason):
         return "failures"
     if _THRESHOLD.search(event.reason):

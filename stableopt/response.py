@@ -23,11 +23,12 @@ from stableopt.monitor import Monitor
 from stableopt.stages.base import ClipPolicy
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
+from stableopt.stages.hot_lr import HotLR
 from stableopt.stages.lr_factor import LRChange, effective_lr
 from stableopt.stages.plateau import PlateauLR
 from stableopt.stages.rollback import Rollback
 from stableopt.stages.spike import SpikeGuard
-from stableopt.verdict import SkipReason, StepVerdict
+from stableopt.verdict import SkipReason, StepOutcome, StepStatus, StepVerdict
 
 __all__ = ["Response"]
 
@@ -42,6 +43,8 @@ class Response:
         spike: the spike guard (``None``: off): its history and escalation.
         emergency_lr: the emergency LR policy (``None``: off).
         plateau: the plateau LR policy (``None``: off).
+        hot_lr: the hot-LR policy (``None``: off): a loss that climbs above where the run
+            started is a cut with a rollback.
         rollback: snapshots (``None``: off; a corrupted update then stops the run).
         monitor: where counters and events go.
         escalation: the state machine of failures (skip, new level, rollback, stop).
@@ -58,6 +61,7 @@ class Response:
         emergency_lr: EmergencyLR | None,
         plateau: PlateauLR | None,
         rollback: Rollback | None,
+        hot_lr: HotLR | None = None,
         monitor: Monitor,
         escalation: Escalation,
         stats: Callable[[], dict[str, Any]],
@@ -68,18 +72,22 @@ class Response:
         self.spike = spike
         self.emergency_lr = emergency_lr
         self.plateau = plateau
+        self.hot_lr = hot_lr
         self.rollback = rollback
         self.monitor = monitor
         self.escalation = escalation
         self._stats = stats
-        self._histories: dict[str, Any] = {}  # the judging stages' state at the snapshot
+        self._snapshot_pending = False  # one came due while the loss was elevated
+        self._restored_why: str | None = None  # the reason of this step's restore, if any
+        #: what the last step did in the end (``None`` before the first)
+        self.last_outcome: StepOutcome | None = None
 
     # -- the step's outcome -------------------------------------------------------------
 
     def is_snapshot_due(self) -> bool:
         """Whether the state after this step, if it is a good one, is to be snapshotted."""
-        return self.rollback is not None and self.rollback.is_due(
-            self.monitor.counters["good_steps"] + 1
+        return self.rollback is not None and (
+            self._snapshot_pending or self.rollback.is_due(self.monitor.counters["good_steps"] + 1)
         )
 
     def respond(self, verdict: StepVerdict, *, weights_checked_after_updates: bool) -> None:
@@ -93,15 +101,20 @@ class Response:
         for stage in (self.clip, self.emergency_clip, self.spike, self.plateau):
             if stage is not None:
                 stage.observe(verdict.numbers)
+        self._restored_why = None
         if verdict.skip_reason is SkipReason.AMP_OVERFLOW and verdict.weights_ok is not False:
             # GradScaler's own overflow skip: its normal dynamics (it lowers the scale),
             # not a failure of the run: no streak, no LR cut, no history.
             self.monitor.count("scaler_skips")
+            self._set_outcome(
+                verdict, "skipped", "GradScaler found Inf/NaN gradients at its scale (its own skip)"
+            )
             return
         step = self.monitor.counters["steps"]
         transition = self.escalation.next(verdict)
         action = transition.action
         cut_reason = None
+        hot_change: LRChange | None = None
         if action is Action.STOP:
             if verdict.weights_ok is False and self.rollback is not None:
                 if self.rollback.has_snapshot:  # stop with the last good weights, not these
@@ -111,10 +124,22 @@ class Response:
             self.monitor.counters["consecutive_failures"] = self.escalation.consecutive_failures
             self.raise_divergence(transition.reason)
         elif action is Action.ACCEPT:
+            hot_change = self._watch_hot_lr(verdict)
+            climbing = self.hot_lr is not None and (
+                self.hot_lr.is_elevated or hot_change is not None and hot_change.kind == "lr_cut"
+            )
             # lazy checks every parameter before a snapshot: the snapshot need not again
             self._count_good_step(
-                verdict, verified=verdict.weights_ok is True and not weights_checked_after_updates
+                verdict,
+                verified=verdict.weights_ok is True and not weights_checked_after_updates,
+                defer_snapshot=climbing,  # not of weights whose loss is climbing: later
             )
+            self._record_lr_change(hot_change)
+            if hot_change is not None and hot_change.kind == "lr_cut":
+                if self.rollback is not None and self.rollback.has_snapshot:
+                    self._restore("the LR is too hot (the loss climbed: see the LR cut)")
+                    action = Action.ROLLBACK
+                cut_reason = hot_change.reason
         elif action is Action.ROLLBACK:
             if verdict.weights_ok is False:
                 by_update = verdict.is_accepted or not weights_checked_after_updates
@@ -141,11 +166,21 @@ class Response:
         if verdict.is_spike and self.spike is not None:
             self.monitor.count("spike_skips")
         is_healthy = action is Action.ACCEPT
+        hot_cut = hot_change is not None and hot_change.kind == "lr_cut"
+        if self.hot_lr is not None and action is Action.ROLLBACK and not hot_cut:
+            self.hot_lr.restart()  # the losses it holds came from weights that are gone
         if self.emergency_lr is not None:
-            trigger = cut_reason if cut_reason is not None else self._threshold_trigger(verdict)
-            immediate = cut_reason is not None
+            emergency_reason = None if hot_cut else cut_reason  # the hot-LR policy cut already
+            trigger = (
+                emergency_reason
+                if emergency_reason is not None
+                else self._threshold_trigger(verdict)
+            )
+            immediate = emergency_reason is not None
             self._record_lr_change(
-                self.emergency_lr.update(step, trigger, is_healthy=is_healthy, immediate=immediate)
+                self.emergency_lr.update(
+                    step, trigger, is_healthy=is_healthy and not hot_cut, immediate=immediate
+                )
             )
         if self.plateau is not None:
             if not is_healthy or cut_reason is not None:
@@ -156,6 +191,30 @@ class Response:
             outcome = "emergency_clip"
         self.monitor.record_step(outcome)
         self.monitor.counters["consecutive_failures"] = self.escalation.consecutive_failures
+        if action is Action.ACCEPT:
+            self._set_outcome(verdict, "updated", None)
+        elif action is Action.ROLLBACK:
+            self._set_outcome(verdict, "rolled_back", self._restored_why)
+        else:
+            self._set_outcome(verdict, "skipped", self._skip_cause(verdict))
+
+    def _set_outcome(self, verdict: StepVerdict, status: StepStatus, reason: str | None) -> None:
+        self.last_outcome = StepOutcome(
+            step=verdict.step,
+            status=status,
+            reason=reason,
+            skip_reason=verdict.skip_reason,
+            clip_coefficient=verdict.clip_coefficient if verdict.is_accepted else 1.0,
+            is_clipped=verdict.is_clipped and verdict.is_accepted,
+            lr_factor=self.lr_factor,
+        )
+
+    def _watch_hot_lr(self, verdict: StepVerdict) -> LRChange | None:
+        """An accepted step's loss to the hot-LR policy; its cut or recovery, if any."""
+        if self.hot_lr is None:
+            return None
+        maximize = any(group.get("maximize", False) for group in self.optimizer.param_groups)
+        return self.hot_lr.update(verdict.loss, maximize=maximize)
 
     def _count_skip(self, verdict: StepVerdict) -> None:
         self.monitor.count("skipped_steps")
@@ -173,6 +232,8 @@ class Response:
                 rebase(transition.new_level)
         if self.plateau is not None:
             self.plateau.restart()
+        if self.hot_lr is not None:
+            self.hot_lr.rebase()
         norms = [n.grad_norm for n in transition.new_level]
         self.monitor.count("new_levels")
         self.monitor.event(
@@ -181,7 +242,9 @@ class Response:
             grad_norm=float(sorted(norms)[len(norms) // 2]),
         )
 
-    def _count_good_step(self, verdict: StepVerdict, verified: bool) -> None:
+    def _count_good_step(
+        self, verdict: StepVerdict, verified: bool, defer_snapshot: bool = False
+    ) -> None:
         self.monitor.count("good_steps")
         if verdict.is_clipped:
             self.monitor.count("total_clips")
@@ -194,7 +257,13 @@ class Response:
                 grad_norm=verdict.grad_norm,
                 clip_threshold=float(verdict.clip_threshold or 0.0),
             )
-        if self.rollback is not None and self.rollback.is_due(self.monitor.counters["good_steps"]):
+        due = self.rollback is not None and (
+            self._snapshot_pending or self.rollback.is_due(self.monitor.counters["good_steps"])
+        )
+        if due and defer_snapshot:
+            self._snapshot_pending = True
+        elif due:
+            self._snapshot_pending = False
             bad = self.take_snapshot(self.monitor.counters["steps"], verified)
             if bad:  # found by the snapshot's own check: weights no update wrote (frozen ones)
                 self._restore("non-finite weights found when taking a snapshot", only=bad)
@@ -210,7 +279,7 @@ class Response:
         assert self.rollback is not None
         bad = self.rollback.take(self.optimizer, step, verified)
         if not bad:
-            self._histories = {
+            self.rollback.stage_states = {
                 name: copy.deepcopy(stage.state_dict())
                 for name, stage in self._judging_stages().items()
             }
@@ -236,14 +305,10 @@ class Response:
             limit = self.emergency_clip.skip_above if self.emergency_clip is not None else None
             return f"gradient norm {grad_norm:.4g} is above skip_above={limit}"
         if self.spike is not None and reason is SkipReason.LOSS_SPIKE:
-            z = self.spike.zscore("loss", float(verdict.loss or 0.0))
-            return f"loss spike (robust z = {z:.3g} > {self.spike.z_threshold:g})"
+            loss = float(verdict.loss or 0.0)
+            return f"loss spike ({loss:.4g}, {self.spike.explain('loss', loss)})"
         if self.spike is not None and reason is SkipReason.GRAD_NORM_SPIKE:
-            z = self.spike.zscore("grad_norm", grad_norm)
-            return (
-                f"gradient-norm spike ({grad_norm:.4g}, robust z = {z:.3g} > "
-                f"{self.spike.z_threshold:g})"
-            )
+            return f"gradient-norm spike ({grad_norm:.4g}, {self.spike.explain('grad_norm', grad_norm)})"
         return f"step rejected (gradient norm {grad_norm:.4g})"
 
     def _threshold_trigger(self, verdict: StepVerdict) -> str | None:
@@ -270,6 +335,7 @@ class Response:
     def _restore(self, why: str, only: tuple[int, ...] = ()) -> None:
         """Restore the snapshot: the parameters ``only`` names (and their state) when the
         rollback restores what is corrupted, else everything."""
+        self._restored_why = why
         if self.rollback is None or not self.rollback.has_snapshot:
             self.raise_divergence(
                 f"{why}, and rollback is off: nothing good to restore", weights_are_good=False
@@ -280,8 +346,8 @@ class Response:
         if partial:  # the other histories are this step's, and they stay
             why = f"{why}; restored: {len(only)} parameter(s) and their state"
         for name, stage in self._judging_stages().items():
-            if name in self._histories and not partial:
-                stage.load_state_dict(copy.deepcopy(self._histories[name]))
+            if name in self.rollback.stage_states and not partial:
+                stage.load_state_dict(copy.deepcopy(self.rollback.stage_states[name]))
         self.monitor.count("rollbacks")
         self.monitor.event(
             "rollback",
@@ -293,10 +359,12 @@ class Response:
 
     @property
     def lr_factor(self) -> float:
-        """Our current LR multiplier: emergency factor x plateau factor (1.0 = none)."""
+        """Our current LR multiplier: emergency x hot-LR x plateau factor (1.0 = none)."""
         factor = 1.0
         if self.emergency_lr is not None:
             factor *= self.emergency_lr.factor
+        if self.hot_lr is not None:
+            factor *= self.hot_lr.factor
         if self.plateau is not None:
             factor *= self.plateau.factor
         return factor
@@ -305,6 +373,7 @@ class Response:
         """``(min_lr, max_lr)`` of the effective LR."""
         min_lr = max(
             self.emergency_lr.min_lr if self.emergency_lr is not None else 0.0,
+            self.hot_lr.min_lr if self.hot_lr is not None else 0.0,
             self.plateau.min_lr if self.plateau is not None else 0.0,
         )
         return min_lr, self.plateau.max_lr if self.plateau is not None else None
@@ -319,6 +388,12 @@ class Response:
         """Record a ``divergence`` event and raise :class:`DivergenceError`, saying what the
         weights are: the last good ones, or (nothing to restore them from) not finite."""
         self.monitor.event("divergence", why)
+        self.last_outcome = StepOutcome(
+            step=self.monitor.counters["steps"],
+            status="stopped",
+            reason=why,
+            lr_factor=self.lr_factor,
+        )
         weights = (
             "The weights are the last good ones."
             if weights_are_good

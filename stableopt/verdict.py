@@ -1,9 +1,10 @@
-"""What a step decided: :class:`StepVerdict`, a frozen record of host values.
+"""What a step decided: :class:`StepVerdict`, a frozen record of host values; and what it
+did in the end: :class:`StepOutcome` (``SafeOptimizer.last_step``).
 
 The gate (:mod:`stableopt.gate`) produces one per ``step()``; the weight check may
 add whether the weights are finite (:func:`dataclasses.replace`); the response
-(:mod:`stableopt.response`) and every stage read it. Nothing in it is a tensor, so
-reading it never syncs a device.
+(:mod:`stableopt.response`) and every stage read it, and the response writes the
+outcome. Nothing in either is a tensor, so reading them never syncs a device.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 from stableopt.stages.base import StepNumbers
 
-__all__ = ["SkipReason", "StepVerdict"]
+__all__ = ["SkipReason", "StepOutcome", "StepStatus", "StepVerdict"]
+
+#: What a ``step()`` did with its update: kept it, skipped it, undid it (a rollback), or
+#: stopped the run (:class:`~stableopt.DivergenceError`).
+StepStatus = Literal["updated", "skipped", "rolled_back", "stopped"]
 
 
 class SkipReason(str, Enum):
@@ -88,3 +94,36 @@ class StepVerdict:
     def numbers(self) -> StepNumbers:
         """What the stages observe of this step."""
         return StepNumbers(self.grad_norm, self.loss, self.is_accepted, self.step)
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """What one ``step()`` did in the end (host values, read without a sync).
+
+    Attributes:
+        step: the number of the step (``1`` for the first ``step()`` call).
+        status: ``"updated"`` (the update ran and was kept), ``"skipped"`` (it did not run:
+            weights and optimizer state unchanged), ``"rolled_back"`` (weights and state
+            went back to a snapshot: all of them, or the corrupted parameters) or
+            ``"stopped"`` (the step raised :class:`~stableopt.DivergenceError`).
+        reason: why it was skipped, rolled back or stopped, in words (the event's reason);
+            ``None`` when updated.
+        skip_reason: the skip's :class:`SkipReason` (``None`` when the update ran).
+        clip_coefficient: the factor the gradients were multiplied by (``1.0``: unchanged).
+        is_clipped: the gradients were scaled down.
+        lr_factor: our LR multiplier after the step (1.0 = none).
+    """
+
+    step: int
+    status: StepStatus
+    reason: str | None = None
+    skip_reason: SkipReason | None = None
+    clip_coefficient: float = 1.0
+    is_clipped: bool = False
+    lr_factor: float = 1.0
+
+    @property
+    def was_skipped(self) -> bool:
+        """The step's update is not in the weights (skipped, rolled back or stopped): what
+        accelerate's ``step_was_skipped`` and a scheduler that counts updates ask."""
+        return self.status != "updated"

@@ -177,8 +177,9 @@ def test_accelerate_keeps_param_groups_and_scheduled_lr(tmp_path: Any) -> None:
     assert used == pytest.approx(reference_lrs(1e-3, 6, 2))
 
 
-def test_nan_loss_is_skipped_and_schedule_keeps_running(tmp_path: Any) -> None:
-    """Skips do not hold Trainer's schedule; our LR factor multiplies it."""
+def test_a_skipped_step_is_skipped_for_the_trainer_and_its_schedule_waits(tmp_path: Any) -> None:
+    """Trainer reads ``accelerator.optimizer_step_was_skipped`` before it steps its LR
+    scheduler: after our skip, as after GradScaler's, the schedule waits for the next update."""
     model = make_model(nan_calls=(3,))
     safe = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
     seen: list[tuple[float, float]] = []  # (scheduled LR, our factor) before each step
@@ -197,14 +198,13 @@ def test_nan_loss_is_skipped_and_schedule_keeps_running(tmp_path: Any) -> None:
     trainer.train()
     stats = safe.stats()
     assert stats["steps"] == 8 and stats["skipped_steps"] == 1
+    assert trainer.state.global_step == 8  # Trainer counts the step; the update did not run
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    # the schedule counted all 8 loop steps, the skipped one included
-    assert cast(Any, trainer.lr_scheduler).last_epoch == 8
-    assert [s for s, _ in seen] == pytest.approx(reference_lrs(1e-3, 8, 2))
-    # the skipped step (3) ran no inner update; after it our factor multiplies the schedule
-    assert len(used) == 7
-    after = [s * f for s, f in seen[3:]]
-    assert used[2:] == pytest.approx(after)
+    # the schedule counted the 7 updates that ran: step 4 uses the LR step 3 would have
+    assert cast(Any, trainer.lr_scheduler).last_epoch == 7
+    reference = reference_lrs(1e-3, 8, 2)
+    assert [s for s, _ in seen] == pytest.approx(reference[:3] + reference[2:7])
+    assert len(used) == 7 and used == pytest.approx(reference[:7])
     # one isolated bad batch: skipped, no LR cut (EmergencyLR cuts when triggers repeat)
     assert all(f == 1.0 for _, f in seen)
     skips = [h["stableopt/skipped_steps"] for h in trainer.state.log_history if "loss" in h]

@@ -126,8 +126,9 @@ def test_param_groups_identity_and_scheduler(tmp_path: Any) -> None:
     assert model.safe.stats()["steps"] == 6
 
 
-def run_logged(tmp_path: Any, every_n_steps: int) -> list[tuple[int, float]]:
-    """(CSV step, stableopt/skipped_steps) of every row; the NaN loss is at step 3 (1-based)."""
+def run_logged(tmp_path: Any, every_n_steps: int) -> list[tuple[int, float, float]]:
+    """(CSV step, stableopt/skipped_steps, stableopt/step_skipped) of every row; the NaN
+    loss is at step 3 (1-based)."""
     model = Regression(nan_steps=(2,))
     logger = pl.loggers.CSVLogger(str(tmp_path), name=f"every{every_n_steps}")
     trainer = make_trainer(
@@ -142,15 +143,25 @@ def run_logged(tmp_path: Any, every_n_steps: int) -> list[tuple[int, float]]:
     assert "stableopt/grad_norm" in trainer.callback_metrics
     with open(f"{logger.log_dir}/metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("stableopt/skipped_steps")]
-    return [(int(r["step"]), float(r["stableopt/skipped_steps"])) for r in rows]
+    return [
+        (int(r["step"]), float(r["stableopt/skipped_steps"]), float(r["stableopt/step_skipped"]))
+        for r in rows
+    ]
 
 
 def test_callback_logs_metrics_to_the_trainer_loggers(tmp_path: Any) -> None:
-    # Lightning writes a row at global_step - 1
-    assert run_logged(tmp_path, 1) == [(0, 0.0), (1, 0.0), (2, 1.0), (3, 1.0), (4, 1.0), (5, 1.0)]
+    # Lightning writes a row at global_step - 1; step_skipped marks the one step skipped
+    assert run_logged(tmp_path, 1) == [
+        (0, 0.0, 0.0),
+        (1, 0.0, 0.0),
+        (2, 1.0, 1.0),
+        (3, 1.0, 0.0),
+        (4, 1.0, 0.0),
+        (5, 1.0, 0.0),
+    ]
     # every 3 steps: nothing before the 3rd step (Lightning repeats a step metric's last
     # value in the rows that follow until it is logged again)
-    assert run_logged(tmp_path, 3)[0] == (2, 1.0)
+    assert run_logged(tmp_path, 3)[0] == (2, 1.0, 1.0)
 
 
 def test_same_parameters_as_a_plain_loop_with_clip_grad_norm(tmp_path: Any) -> None:

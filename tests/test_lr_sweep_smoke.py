@@ -117,3 +117,21 @@ def test_modes_are_mutually_exclusive() -> None:
         build_parser().parse_args(["--harm", "--lr-sweep"])
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--perf", "--harm"])
+
+
+def test_the_trace_records_the_lr_each_update_used(tmp_path: Path) -> None:
+    from benchmarks.lr_trace import trace, write
+
+    safe = trace("charlm", "constant", "safe", 10.0, steps=40)
+    cuts = [(s, r) for s, k, r in safe.events if k == "lr_cut"]
+    assert cuts, "an LR 1000x plain AdamW's best is cut"
+    first = cuts[0][0]
+    # the effective LR of each step: the schedule's times the factor in force, 1 before the cut
+    assert safe.effective[:first] == safe.scheduled[:first]
+    factor = float(cuts[0][1].rsplit("-> ", 1)[1].split()[0])
+    assert safe.effective[first] == pytest.approx(safe.scheduled[first] * factor)
+    plain = trace("charlm", "constant", "adamw", 10.0, steps=40)
+    assert plain.effective == plain.scheduled and not plain.events
+    written = write([plain, safe], "charlm", "constant", 10.0, tmp_path, 1.0)
+    text = (tmp_path / "lr_trace.md").read_text()
+    assert str(tmp_path / "lr_trace.md") in written and f"| {first} | lr_cut |" in text

@@ -9,6 +9,11 @@ A :class:`~stableopt.SafeOptimizer` is an ordinary ``torch.optim.Optimizer``, so
   the model's training loss reported to the optimizer;
 - :func:`safe_optimizers`: the optimizer (AdamW by default) and the LR schedule that
   Trainer would build from its ``TrainingArguments``, the optimizer wrapped.
+
+A step we skip or roll back is a skipped step for Trainer too: accelerate's
+``optimizer_step_was_skipped`` asks the SafeOptimizer's ``step_was_skipped`` (see
+``stableopt._accelerate``), so Trainer does not step its LR scheduler after it, as after
+GradScaler's overflow skip: the schedule counts the updates that ran.
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ def log_stats(
 
     The metrics are those of the sinks (``stableopt/system_health``,
     ``stableopt/skipped_steps``, ``stableopt/grad_norm``, ``stableopt/lr_factor``, ...;
-    see :data:`stableopt.sinks._common.METRICS`), non-finite values left out. Call it
+    see :data:`stableopt.sinks._common.METRICS`), non-finite values left out, and
+    ``stableopt/step_skipped``: 1.0 when the last step's update was left out (skipped or
+    rolled back, :attr:`~stableopt.SafeOptimizer.last_step`), else 0.0. Call it
     from a training hook, e.g. ``on_train_batch_end``. Reading ``stats()`` syncs the
     device once.
 
@@ -76,6 +78,8 @@ def log_stats(
             "return SafeOptimizer(...) from configure_optimizers"
         )
     values = {prefix + k: v for k, v in metric_values(safe.stats()).items()}
+    if safe.last_step is not None:  # whether the last step's update is in the weights
+        values[prefix + "step_skipped"] = float(safe.step_was_skipped)
     module.log_dict(values, **{"on_step": True, "on_epoch": False, **log_kwargs})
     return values
 
@@ -97,7 +101,9 @@ class StableOptCallback(pl.Callback):
 
     Skipped steps still count as Lightning steps (``trainer.global_step``) and advance
     ``interval="step"`` LR schedulers, exactly as in a plain loop that calls
-    ``sched.step()`` every iteration; our LR factor multiplies the schedule.
+    ``sched.step()`` every iteration (Lightning does the same after GradScaler's own skip);
+    our LR factor multiplies the schedule. ``stableopt/step_skipped`` (1.0 or 0.0) says
+    whether the last optimizer step's update was left out.
 
     Args:
         every_n_steps: log after every n-th optimizer step (default 1, ``>= 1``).

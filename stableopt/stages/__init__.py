@@ -11,6 +11,8 @@
   ([`SpikeGuard`][stableopt.stages.spike.SpikeGuard]);
 - **emergency LR**: cut the LR when training blows up, recover it
   ([`EmergencyLR`][stableopt.stages.emergency_lr.EmergencyLR]);
+- **hot LR**: cut the LR (with a rollback) when the loss climbs far above where the
+  run started ([`HotLR`][stableopt.stages.hot_lr.HotLR]);
 - **plateau LR**: lower the LR when the loss stalls
   ([`PlateauLR`][stableopt.stages.plateau.PlateauLR]);
 - **rollback**: snapshots, and restoring them
@@ -27,6 +29,7 @@ from stableopt.stages.base import ClipPolicy, Stage, StepNumbers
 from stableopt.stages.clip import FixedClip
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
+from stableopt.stages.hot_lr import HotLR
 from stableopt.stages.percentile import PercentileClip
 from stableopt.stages.plateau import PlateauLR
 from stableopt.stages.rollback import Rollback
@@ -39,6 +42,7 @@ __all__ = [
     "EmergencyClip",
     "EmergencyLR",
     "FixedClip",
+    "HotLR",
     "PercentileClip",
     "PlateauLR",
     "Rollback",

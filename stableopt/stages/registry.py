@@ -77,6 +77,7 @@ STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
     "escalation": ("next", "consecutive_failures", "state"),
     "spike": ("bound", "watches", "zscore", "z_threshold"),
     "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency"),
+    "hot_lr": ("update", "restart", "rebase", "is_elevated", "factor", "min_lr"),
     "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
     "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
 }

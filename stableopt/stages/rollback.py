@@ -19,6 +19,7 @@ together (its flags are global), so the shards always belong to the same step.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Collection, Mapping
 from typing import Any, NamedTuple, cast
@@ -78,6 +79,9 @@ class Rollback:
         self._bound_count: int | None = None  # parameters of the optimizer, once seen
         self._params: list[Tensor] = []
         self._state: list[dict[str, Any] | None] = []
+        # the judging stages' state (clip and spike histories) at the snapshot, set by the
+        # response after :meth:`take` and saved with the snapshot
+        self.stage_states: dict[str, Any] = {}
 
     @property
     def has_snapshot(self) -> bool:
@@ -91,6 +95,7 @@ class Rollback:
     def invalidate(self) -> None:
         """Forget the snapshot (the parameter set or the state changed under it)."""
         self.snapshot_step = None
+        self.stage_states = {}
 
     @torch.no_grad()
     def take(self, optimizer: Optimizer, step: int, verified: bool = False) -> tuple[int, ...]:
@@ -194,6 +199,7 @@ class Rollback:
                 }
                 for s in self._state
             ]
+            state["stage_states"] = copy.deepcopy(self.stage_states)
         return state
 
     def observe(self, numbers: StepNumbers) -> None:
@@ -241,6 +247,7 @@ class Rollback:
             }
             for s in state_dict["state"]
         ]
+        self.stage_states = copy.deepcopy(dict(state_dict.get("stage_states", {})))
         self.snapshot_step = state_dict["snapshot_step"]
 
     def __repr__(self) -> str:
