@@ -110,6 +110,7 @@ class Monitor:
         "total_clips",
         "emergency_clips",
         "lr_changes",
+        "transient_faults",
         "consecutive_failures",
     )
 

@@ -37,6 +37,7 @@ from stableopt.grad_norms import grad_stats, non_finite_params
 from stableopt.inner_update import InnerUpdate
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
+from stableopt.rerun import Rerun
 from stableopt.response import Response
 from stableopt.stages.base import ClipPolicy, Stage
 from stableopt.stages.emergency_clip import EmergencyClip
@@ -114,6 +115,12 @@ class SafeOptimizer(Optimizer):
             the parameters only. ``"lazy"``: only when a step's gradients or loss are
             non-finite and before every snapshot (a corrupting update is undone at the
             next step). ``"off"``: never.
+        rerun: with ``step(closure)``, a step about to be skipped for a non-finite or
+            spiking loss or gradient runs the closure once more with the RNG state
+            restored: healthy then, it was a transient fault (possible silent data
+            corruption) and the step goes on with the second gradients; failing again, it
+            is reproducible (the data or the state) and is skipped
+            (:class:`~stableopt.rerun.Rerun`; ``None``: off). Healthy steps never re-run.
         monitor: where counters and events are kept (default ``Monitor()``).
 
     The string ``"default"`` for a stage means its class built with its defaults. A
@@ -143,6 +150,7 @@ class SafeOptimizer(Optimizer):
         escalation: Escalation | Literal["default"] = "default",
         max_consecutive_failures: int | None = None,
         check_weights: Literal["every_step", "params", "lazy", "off"] = "every_step",
+        rerun: Rerun | Literal["default"] | None = "default",
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
@@ -161,6 +169,7 @@ class SafeOptimizer(Optimizer):
         self.hot_lr = resolve_stage("hot_lr", hot_lr, HotLR)
         self.plateau = resolve_stage("plateau", plateau, PlateauLR)
         self.rollback = resolve_stage("rollback", rollback, Rollback)
+        self.rerun = resolve_stage("rerun", rerun, Rerun)
         if escalation is None:
             raise TypeError("escalation must be an Escalation or 'default' (it cannot be off)")
         self.escalation: Escalation = resolve_stage("escalation", escalation, Escalation)
@@ -179,6 +188,7 @@ class SafeOptimizer(Optimizer):
             emergency_lr=self.emergency_lr,
             plateau=self.plateau,
             hot_lr=self.hot_lr,
+            rerun=self.rerun,
             rollback=self.rollback,
             monitor=self.monitor,
             escalation=self.escalation,
@@ -258,8 +268,10 @@ class SafeOptimizer(Optimizer):
         Raises:
             DivergenceError: past the failure budget; the weights are the last good ones.
         """
-        loss = None
+        loss, rng = None, None
         if closure is not None:
+            if self.rerun is not None:  # to evaluate the same batch again, if it fails
+                rng = self.rerun.capture(self._all_params())
             with torch.enable_grad():
                 loss = closure()
         self.monitor.count("steps")
@@ -276,6 +288,8 @@ class SafeOptimizer(Optimizer):
         clipped_in_place = self._clip_in_place(grads, params)
         if self._decides_before_update(grads):
             verdict, coefficient = self.gate.decide(step, stats, amp_found_inf, clipped_in_place)
+            if self._may_rerun(rng, loss, amp_scale, verdict):
+                verdict, coefficient, loss, params, grads = self._rerun(step, closure, rng, verdict)
             if verdict.is_accepted:
                 self.inner.run(grads, coefficient, amp_scale, *self._lr(), _replay(closure, loss))
         else:  # fused, off the CPU: the skip rides in found_inf, the read comes after
@@ -285,6 +299,11 @@ class SafeOptimizer(Optimizer):
             )
             checked = self.weight_check.all_finite(self.optimizer, params)
             verdict = self.gate.read(step, pending, checked)
+            if self._may_rerun(rng, loss, amp_scale, verdict):
+                # the kernel skipped (state unchanged): the second evaluation decides here
+                verdict, coefficient, loss, params, grads = self._rerun(step, closure, rng, verdict)
+                if verdict.is_accepted:
+                    self.inner.run(grads, coefficient, None, *self._lr(), _replay(closure, loss))
         verdict = self.weight_check.verify(
             verdict, self.optimizer, params, self._all_params(), self.response.is_snapshot_due()
         )
@@ -314,6 +333,37 @@ class SafeOptimizer(Optimizer):
                 "start from: load finite weights (or a checkpoint) first"
             )
         self._is_verified = True
+
+    def _may_rerun(self, rng: Any, loss: Any, amp_scale: Any, verdict: StepVerdict) -> bool:
+        """A failing step whose closure computed the loss (not a do-nothing closure, as
+        Lightning's manual optimization passes) and no GradScaler: it can be re-run."""
+        return (
+            rng is not None
+            and isinstance(loss, Tensor)
+            and amp_scale is None
+            and self.rerun is not None
+            and self.rerun.applies(verdict)
+        )
+
+    def _rerun(
+        self, step: int, closure: Any, rng: Any, first: StepVerdict
+    ) -> tuple[StepVerdict, Tensor | None, Any, list[Tensor], list[Tensor]]:
+        """Evaluate the closure again on the same batch and RNG state; decide again."""
+        assert self.rerun is not None
+        self.rerun.restore(rng)
+        for p in self._all_params():
+            p.grad = None
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        stats = grad_stats(grads, None, loss=self._step_loss(loss))
+        verdict, coefficient = self.gate.decide(
+            step, stats, None, self._clip_in_place(grads, params)
+        )
+        devices = sorted({str(p.device) for p in params}) or ["cpu"]
+        self.response.triaged(first, verdict, devices)
+        return verdict, coefficient, loss, params, grads
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
         """This rank's loss for the step (the closure's, else the mean of the observed ones)."""
@@ -415,7 +465,9 @@ class SafeOptimizer(Optimizer):
 
         Keys: ``steps`` (calls to ``step()``), ``good_steps``, ``skipped_steps``,
         ``spike_skips``, ``scaler_skips``, ``rollbacks``, ``consecutive_failures``,
-        ``total_clips``, ``emergency_clips``, ``lr_changes``, ``emergency_mode`` (an
+        ``total_clips``, ``emergency_clips``, ``lr_changes``, ``transient_faults`` (failing
+        steps whose re-run was healthy, see ``rerun``) and ``transient_faults_by_device``
+        (``{"cuda:0": 1}``), ``emergency_mode`` (an
         emergency LR cut is in force), ``lr_factor``, ``system_health`` (in [0, 1], see
         :class:`~stableopt.monitor.Monitor`), ``loss`` (the last step's), ``grad_norm``
         (the last pre-clip total norm) and ``clip_threshold`` (the last max norm;
@@ -425,6 +477,7 @@ class SafeOptimizer(Optimizer):
         stats["emergency_mode"] = self.emergency_lr.in_emergency if self.emergency_lr else False
         stats["lr_factor"] = self.lr_factor
         stats["system_health"] = self.monitor.health
+        stats["transient_faults_by_device"] = dict(self.rerun.by_device) if self.rerun else {}
         last = self.last_verdict
         stats["loss"] = last.loss if last is not None else None
         stats["grad_norm"] = last.grad_norm if last is not None else None
@@ -456,6 +509,7 @@ class SafeOptimizer(Optimizer):
             "plateau": self.plateau,
             "rollback": self.rollback,
             "escalation": self.escalation,
+            "rerun": self.rerun,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from torch.optim import Optimizer
 from stableopt.errors import DivergenceError
 from stableopt.escalation import Action, Escalation, Transition
 from stableopt.monitor import Monitor
+from stableopt.rerun import Rerun
 from stableopt.stages.base import ClipPolicy
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
@@ -45,6 +46,7 @@ class Response:
         plateau: the plateau LR policy (``None``: off).
         hot_lr: the hot-LR policy (``None``: off): a loss that climbs above where the run
             started is a cut with a rollback.
+        rerun: the rerun triage (``None``: off): its per-device counts of transient faults.
         rollback: snapshots (``None``: off; a corrupted update then stops the run).
         monitor: where counters and events go.
         escalation: the state machine of failures (skip, new level, rollback, stop).
@@ -62,6 +64,7 @@ class Response:
         plateau: PlateauLR | None,
         rollback: Rollback | None,
         hot_lr: HotLR | None = None,
+        rerun: Rerun | None = None,
         monitor: Monitor,
         escalation: Escalation,
         stats: Callable[[], dict[str, Any]],
@@ -73,12 +76,14 @@ class Response:
         self.emergency_lr = emergency_lr
         self.plateau = plateau
         self.hot_lr = hot_lr
+        self.rerun = rerun
         self.rollback = rollback
         self.monitor = monitor
         self.escalation = escalation
         self._stats = stats
         self._snapshot_pending = False  # one came due while the loss was elevated
         self._restored_why: str | None = None  # the reason of this step's restore, if any
+        self._reproduced = False  # this step's failure was re-run and reproduced
         #: what the last step did in the end (``None`` before the first)
         self.last_outcome: StepOutcome | None = None
 
@@ -91,6 +96,14 @@ class Response:
         )
 
     def respond(self, verdict: StepVerdict, *, weights_checked_after_updates: bool) -> None:
+        """Everything that follows from ``verdict``; raises when the run cannot go on
+        (:meth:`_respond`); this step's re-run note does not outlive it."""
+        try:
+            self._respond(verdict, weights_checked_after_updates=weights_checked_after_updates)
+        finally:
+            self._reproduced = False
+
+    def _respond(self, verdict: StepVerdict, *, weights_checked_after_updates: bool) -> None:
         """Everything that follows from ``verdict``; raises when the run cannot go on.
 
         ``weights_checked_after_updates``: the weights are checked right after every update
@@ -216,11 +229,37 @@ class Response:
         maximize = any(group.get("maximize", False) for group in self.optimizer.param_groups)
         return self.hot_lr.update(verdict.loss, maximize=maximize)
 
+    def triaged(self, first: StepVerdict, second: StepVerdict, devices: list[str]) -> None:
+        """The outcome of a re-run (:mod:`stableopt.rerun`): a transient fault when the second
+        evaluation is healthy, else the skip that follows says it was reproduced."""
+        if not second.is_accepted:
+            self._reproduced = True
+            return
+        assert self.rerun is not None
+        self.rerun.count(devices)
+        self.monitor.count("transient_faults")
+        self.monitor.event(
+            "transient_fault",
+            f"transient fault (possible silent data corruption) on {', '.join(devices)}: the "
+            f"first evaluation of the step gave {self._skip_cause(first)}; the re-run on the "
+            f"same batch and RNG state is healthy (gradient norm {second.grad_norm:.4g}): the "
+            "step goes on with the re-run's gradients",
+            grad_norm=second.grad_norm,
+            first_grad_norm=first.grad_norm,
+        )
+
     def _count_skip(self, verdict: StepVerdict) -> None:
         self.monitor.count("skipped_steps")
+        reproduced = (
+            " (reproducible: the re-run on the same batch and RNG state failed again: the data "
+            "or the state, not the device)"
+            if self._reproduced
+            else ""
+        )
         self.monitor.event(
             "skip",
-            f"{self._skip_cause(verdict)}: step skipped, weights and optimizer state unchanged",
+            f"{self._skip_cause(verdict)}{reproduced}: step skipped, weights and optimizer "
+            "state unchanged",
             grad_norm=verdict.grad_norm,
         )
 

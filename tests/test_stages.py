@@ -120,8 +120,8 @@ class NeverSpike:
     def watches(self, signal: str) -> bool:
         return True
 
-    def zscore(self, signal: str, value: float) -> float:
-        return 0.0
+    def explain(self, signal: str, value: float) -> str:
+        return "never"
 
     def clear(self) -> None:
         self.accepted = 0

@@ -75,11 +75,12 @@ def resolve_clip(clip: Any) -> ClipPolicy | None:
 STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
     "emergency_clip": ("limit", "threshold", "skip_above"),
     "escalation": ("next", "consecutive_failures", "state"),
-    "spike": ("bound", "watches", "zscore", "z_threshold"),
+    "spike": ("bound", "watches", "explain"),
     "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency"),
     "hot_lr": ("update", "restart", "rebase", "is_elevated", "factor", "min_lr"),
     "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
     "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
+    "rerun": ("capture", "restore", "applies", "count", "by_device"),
 }
 
 
