@@ -2,6 +2,7 @@
 
 from stableopt.errors import DivergenceError
 from stableopt.escalation import Escalation
+from stableopt.ledger import Ledger
 from stableopt.loss import ConsistencyLoss, SafeLoss
 from stableopt.monitor import Event, Monitor, Sink
 from stableopt.optimizer import SafeOptimizer
@@ -31,6 +32,7 @@ __all__ = [
     "EmergencyClip",
     "EmergencyLR",
     "Escalation",
+    "Ledger",
     "Event",
     "FixedClip",
     "HotLR",

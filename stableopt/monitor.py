@@ -111,6 +111,7 @@ class Monitor:
         "emergency_clips",
         "lr_changes",
         "transient_faults",
+        "data_faults",
         "consecutive_failures",
     )
 

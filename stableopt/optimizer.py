@@ -35,6 +35,7 @@ from stableopt.escalation import Escalation
 from stableopt.gate import Gate
 from stableopt.grad_norms import grad_stats, non_finite_params
 from stableopt.inner_update import InnerUpdate
+from stableopt.ledger import Ledger
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
 from stableopt.rerun import Rerun
@@ -121,6 +122,10 @@ class SafeOptimizer(Optimizer):
             corruption) and the step goes on with the second gradients; failing again, it
             is reproducible (the data or the state) and is skipped
             (:class:`~stableopt.rerun.Rerun`; ``None``: off). Healthy steps never re-run.
+        ledger: the failing steps and the batches they came from (:meth:`tag_batch`), in
+            ``state_dict`` and as JSON for a data loader (:class:`~stableopt.ledger.Ledger`;
+            ``None``: off). A tagged batch that fails again is a data fault: skipped
+            without counting as a failure of the run.
         monitor: where counters and events are kept (default ``Monitor()``).
 
     The string ``"default"`` for a stage means its class built with its defaults. A
@@ -151,6 +156,7 @@ class SafeOptimizer(Optimizer):
         max_consecutive_failures: int | None = None,
         check_weights: Literal["every_step", "params", "lazy", "off"] = "every_step",
         rerun: Rerun | Literal["default"] | None = "default",
+        ledger: Ledger | Literal["default"] | None = "default",
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
@@ -170,6 +176,7 @@ class SafeOptimizer(Optimizer):
         self.plateau = resolve_stage("plateau", plateau, PlateauLR)
         self.rollback = resolve_stage("rollback", rollback, Rollback)
         self.rerun = resolve_stage("rerun", rerun, Rerun)
+        self.ledger = resolve_stage("ledger", ledger, Ledger)
         if escalation is None:
             raise TypeError("escalation must be an Escalation or 'default' (it cannot be off)")
         self.escalation: Escalation = resolve_stage("escalation", escalation, Escalation)
@@ -189,6 +196,7 @@ class SafeOptimizer(Optimizer):
             plateau=self.plateau,
             hot_lr=self.hot_lr,
             rerun=self.rerun,
+            ledger=self.ledger,
             rollback=self.rollback,
             monitor=self.monitor,
             escalation=self.escalation,
@@ -259,6 +267,20 @@ class SafeOptimizer(Optimizer):
             value = value.to(self._observed_losses[0].device)
         self._observed_losses.append(value)
 
+    def tag_batch(self, ids: Any) -> None:
+        """Name the coming step's batch for the ledger: its samples' ids (a sequence or a 1-D
+        integer tensor of ints or strings) or one batch index. A failing step's ledger
+        entry carries them; a tagged batch that fails again is a data fault. Applies to
+        the next ``step()`` only.
+
+        Raises:
+            ValueError: the ledger is off (``SafeOptimizer(..., ledger=None)``).
+            TypeError: ``ids`` is none of the above.
+        """
+        if self.ledger is None:
+            raise ValueError("tag_batch needs the ledger, which ledger=None turned off")
+        self.ledger.tag(ids)
+
     # -- the pipeline ------------------------------------------------------------
 
     @torch.no_grad()
@@ -276,6 +298,7 @@ class SafeOptimizer(Optimizer):
                 loss = closure()
         self.monitor.count("steps")
         step = self.monitor.counters["steps"]
+        tag = self.ledger.take_tag() if self.ledger is not None else None
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
         if not self._is_verified:
@@ -309,8 +332,7 @@ class SafeOptimizer(Optimizer):
         )
         self.last_verdict = verdict
         self.response.respond(
-            verdict,
-            weights_checked_after_updates=self.weight_check.after_every_update,
+            verdict, weights_checked_after_updates=self.weight_check.after_every_update, tag=tag
         )
         self.monitor.end_step(self.stats)
         _accelerate.ensure_patched()
@@ -467,7 +489,8 @@ class SafeOptimizer(Optimizer):
         ``spike_skips``, ``scaler_skips``, ``rollbacks``, ``consecutive_failures``,
         ``total_clips``, ``emergency_clips``, ``lr_changes``, ``transient_faults`` (failing
         steps whose re-run was healthy, see ``rerun``) and ``transient_faults_by_device``
-        (``{"cuda:0": 1}``), ``emergency_mode`` (an
+        (``{"cuda:0": 1}``), ``data_faults`` (tagged batches that failed again, see
+        ``ledger``), ``emergency_mode`` (an
         emergency LR cut is in force), ``lr_factor``, ``system_health`` (in [0, 1], see
         :class:`~stableopt.monitor.Monitor`), ``loss`` (the last step's), ``grad_norm``
         (the last pre-clip total norm) and ``clip_threshold`` (the last max norm;
@@ -510,6 +533,7 @@ class SafeOptimizer(Optimizer):
             "rollback": self.rollback,
             "escalation": self.escalation,
             "rerun": self.rerun,
+            "ledger": self.ledger,
         }
 
     def state_dict(self) -> dict[str, Any]:

@@ -62,8 +62,8 @@ class Recommendation:
 
     Attributes:
         kind: which rule gave it: ``"lower_lr"``, ``"clipping"``, ``"non_finite"``,
-            ``"size_mismatch"``, ``"rollback"``, ``"hot_lr"``, ``"spikes"``,
-            ``"new_level"`` or ``"plateau"``.
+            ``"size_mismatch"``, ``"rollback"``, ``"hot_lr"``, ``"data_fault"``,
+            ``"spikes"``, ``"new_level"`` or ``"plateau"``.
         message: the advice in plain language, with the numbers.
         evidence: the numbers behind it, by name (counts, rates, learning rates,
             gradient norms; ``steps`` lists are in ``message``).
@@ -120,6 +120,7 @@ def recommend(
         _size_mismatch(stats),
         _rollback(stats, events),
         _hot_lr(stats, events, lrs),
+        _data_fault(events),
         _spikes(stats, events, levels, min_spike_skips),
         _new_level(stats, levels, level_ratio),
         _plateau(stats, events, lrs),
@@ -235,6 +236,27 @@ def _hot_lr(
             "cut), or warm up for longer."
         )
     return Recommendation("hot_lr", message, evidence)
+
+
+_BATCH = re.compile(r"^batch \[([^\]]*)\] failed again")
+
+
+def _data_fault(events: Sequence[Event]) -> Recommendation | None:
+    faults = [e for e in events if e.kind == "data_fault"]
+    if not faults:
+        return None
+    batches = [m.group(1) for e in faults if (m := _BATCH.search(e.reason))]
+    shown = "; ".join(f"[{b}]" for b in batches[:_EXAMPLES])
+    more = f" and {len(batches) - _EXAMPLES} more" if len(batches) > _EXAMPLES else ""
+    message = (
+        f"{len(faults)} tagged batch(es) failed again when they came back (steps "
+        f"{_steps(faults)}: {shown}{more}): the data reproduces the failure whatever the "
+        "weights, so they were skipped without counting against the run. Leave those "
+        "samples out: opt.ledger.save('bad_batches.json') writes them (bad_ids) for a "
+        "sampler that skips them on the next run, and look at what they hold (NaN/Inf "
+        "inputs, broken labels, a corrupt shard)."
+    )
+    return Recommendation("data_fault", message, {"data_faults": float(len(faults))})
 
 
 def _clipping(

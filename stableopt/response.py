@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 
 from stableopt.errors import DivergenceError
 from stableopt.escalation import Action, Escalation, Transition
+from stableopt.ledger import Ledger
 from stableopt.monitor import Monitor
 from stableopt.rerun import Rerun
 from stableopt.stages.base import ClipPolicy
@@ -47,6 +48,7 @@ class Response:
         hot_lr: the hot-LR policy (``None``: off): a loss that climbs above where the run
             started is a cut with a rollback.
         rerun: the rerun triage (``None``: off): its per-device counts of transient faults.
+        ledger: the bad-batch ledger (``None``: off): every failing step is recorded there.
         rollback: snapshots (``None``: off; a corrupted update then stops the run).
         monitor: where counters and events go.
         escalation: the state machine of failures (skip, new level, rollback, stop).
@@ -65,6 +67,7 @@ class Response:
         rollback: Rollback | None,
         hot_lr: HotLR | None = None,
         rerun: Rerun | None = None,
+        ledger: Ledger | None = None,
         monitor: Monitor,
         escalation: Escalation,
         stats: Callable[[], dict[str, Any]],
@@ -77,6 +80,8 @@ class Response:
         self.plateau = plateau
         self.hot_lr = hot_lr
         self.rerun = rerun
+        self.ledger = ledger
+        self._tag: tuple[Any, ...] | None = None  # the step's batch tag (the ledger's)
         self.rollback = rollback
         self.monitor = monitor
         self.escalation = escalation
@@ -95,13 +100,37 @@ class Response:
             self._snapshot_pending or self.rollback.is_due(self.monitor.counters["good_steps"] + 1)
         )
 
-    def respond(self, verdict: StepVerdict, *, weights_checked_after_updates: bool) -> None:
+    def respond(
+        self,
+        verdict: StepVerdict,
+        *,
+        weights_checked_after_updates: bool,
+        tag: tuple[Any, ...] | None = None,
+    ) -> None:
         """Everything that follows from ``verdict``; raises when the run cannot go on
-        (:meth:`_respond`); this step's re-run note does not outlive it."""
+        (:meth:`_respond`). ``tag``: the step's batch (:meth:`SafeOptimizer.tag_batch`). A
+        step that did not update ends up in the ledger, even one that stops the run."""
+        self._tag = tag
         try:
             self._respond(verdict, weights_checked_after_updates=weights_checked_after_updates)
         finally:
             self._reproduced = False
+            outcome = self.last_outcome
+            if (
+                self.ledger is not None
+                and outcome is not None
+                and outcome.step == verdict.step
+                and outcome.status != "updated"
+                and verdict.skip_reason is not SkipReason.AMP_OVERFLOW
+            ):
+                self.ledger.record(
+                    verdict.step,
+                    outcome.status,
+                    outcome.reason or "",
+                    verdict.grad_norm,
+                    verdict.loss,
+                    tag,
+                )
 
     def _respond(self, verdict: StepVerdict, *, weights_checked_after_updates: bool) -> None:
         """Everything that follows from ``verdict``; raises when the run cannot go on.
@@ -124,9 +153,17 @@ class Response:
             )
             return
         step = self.monitor.counters["steps"]
+        if (
+            not verdict.is_accepted
+            and self.ledger is not None
+            and self.ledger.is_known_bad(self._tag)
+        ):
+            self._count_data_fault(verdict)
+            return
         transition = self.escalation.next(verdict)
         action = transition.action
         cut_reason = None
+        weight_fault_once = False  # a first corrupting update: restored, not cut
         hot_change: LRChange | None = None
         if action is Action.STOP:
             if verdict.weights_ok is False and self.rollback is not None:
@@ -164,9 +201,15 @@ class Response:
                     cause = "non-finite weights appeared between steps (no update wrote them)"
                 why = f"{cause} (gradient norm {verdict.grad_norm:.4g})"
                 self._restore(why, only=verdict.bad_params)
-                # an update that made the state bad cuts the LR; a corruption from outside
-                # (a bit flip, user code) says nothing about the LR
-                cut_reason = why if by_update else None
+                # an update that made the state bad again soon after the last time says the
+                # LR is the cause and cuts it; once alone it is the numerics of one update
+                # (silent corruption, an unlucky eps): restored, not cut. A corruption from
+                # outside (a bit flip, user code) says nothing about the LR.
+                if by_update:
+                    cut_reason = why
+                    weight_fault_once = self.emergency_lr is not None and not (
+                        self.emergency_lr.weight_fault(step)
+                    )
             else:
                 self.monitor.count("skipped_steps")
                 why = f"{self._skip_cause(verdict)}; {transition.reason}"
@@ -190,6 +233,8 @@ class Response:
                 else self._threshold_trigger(verdict)
             )
             immediate = emergency_reason is not None
+            if weight_fault_once:
+                trigger, immediate = None, False
             self._record_lr_change(
                 self.emergency_lr.update(
                     step, trigger, is_healthy=is_healthy and not hot_cut, immediate=immediate
@@ -247,6 +292,25 @@ class Response:
             grad_norm=second.grad_norm,
             first_grad_norm=first.grad_norm,
         )
+
+    def _count_data_fault(self, verdict: StepVerdict) -> None:
+        """A tagged batch that failed before fails again: the data, whatever the weights.
+        Skipped, and not a failure of the run: no streak, no rollback, no LR cut."""
+        assert self.ledger is not None and self._tag is not None
+        first = next((e.step for e in self.ledger.entries if e.ids == self._tag), None)
+        when = f"; it failed first at step {first}" if first is not None else ""
+        ids = ", ".join(map(str, self._tag[:8])) + (", ..." if len(self._tag) > 8 else "")
+        cause = self._skip_cause(verdict)
+        self.monitor.count("skipped_steps")
+        self.monitor.count("data_faults")
+        reason = (
+            f"batch [{ids}] failed again ({cause}{when}): a data "
+            "fault, not the state: skipped without counting as a failure of the run (no "
+            "rollback, no LR cut); leave its samples out (opt.ledger.bad_ids())"
+        )
+        self.monitor.event("data_fault", reason, grad_norm=verdict.grad_norm)
+        self.monitor.record_step("skip")
+        self._set_outcome(verdict, "skipped", reason)
 
     def _count_skip(self, verdict: StepVerdict) -> None:
         self.monitor.count("skipped_steps")
@@ -380,18 +444,28 @@ class Response:
                 f"{why}, and rollback is off: nothing good to restore", weights_are_good=False
             )
         assert self.rollback is not None
-        partial = bool(only) and self.rollback.scope == "corrupted"
-        self.rollback.restore(self.optimizer, only if partial else None)
-        if partial:  # the other histories are this step's, and they stay
-            why = f"{why}; restored: {len(only)} parameter(s) and their state"
+        partial = bool(only) and self.rollback.scope in ("corrupted", "entries")
+        entries = partial and self.rollback.scope == "entries"
+        self.rollback.restore(self.optimizer, only if partial else None, entries=entries)
         for name, stage in self._judging_stages().items():
             if name in self.rollback.stage_states and not partial:
                 stage.load_state_dict(copy.deepcopy(self.rollback.stage_states[name]))
+        snapshot = f"the snapshot of step {self.rollback.snapshot_step}"
+        if entries:  # every finite value, and the histories, are this step's and stay
+            what = (
+                f"the non-finite entries of {len(only)} parameter(s) and of their state "
+                f"restored from {snapshot}; every finite value kept"
+            )
+        elif partial:  # the other parameters and the histories are this step's, and stay
+            what = (
+                f"{len(only)} parameter(s) and their state restored to {snapshot}; every "
+                "other parameter kept"
+            )
+        else:
+            what = f"weights and optimizer state restored to {snapshot}"
         self.monitor.count("rollbacks")
         self.monitor.event(
-            "rollback",
-            f"{why}: weights and optimizer state restored to the snapshot of step {self.rollback.snapshot_step}",
-            snapshot_step=float(self.rollback.snapshot_step or 0),
+            "rollback", f"{why}: {what}", snapshot_step=float(self.rollback.snapshot_step or 0)
         )
 
     # -- the LR factor ------------------------------------------------------------------

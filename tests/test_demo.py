@@ -85,10 +85,12 @@ def test_demo_safe_optimizer_survives_every_fault(demo: DemoResult) -> None:
     others = [e for e in safe.events if e.kind == "skip" and e.step not in fault_steps]
     assert len(others) <= 1 and all("spike" in e.reason for e in others)
     assert safe.stats["skipped_steps"] == 3 + len(others)
-    # Isolated bad batches are skipped without an LR cut; the corrupted update (found
-    # as non-finite weights) cuts at once, then recovers.
-    cuts = [e.step for e in safe.events if e.kind == "lr_cut"]
-    assert cuts == [demo.schedule.steps_of("nan_weights")[0]]
+    # Isolated bad batches are skipped without an LR cut; the one corrupted update (found
+    # as non-finite weights) is restored entry by entry, without a cut either (a second
+    # within 20 steps would cut).
+    assert [e.step for e in safe.events if e.kind == "lr_cut"] == []
+    (rollback,) = [e for e in safe.events if e.kind == "rollback"]
+    assert "the non-finite entries of 1 parameter(s)" in rollback.reason
     assert math.isfinite(demo.reference_loss)
 
 

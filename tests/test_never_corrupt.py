@@ -207,7 +207,8 @@ def test_global_optimizer_hooks_fire_once_per_step() -> None:
 def test_a_partial_rollback_restores_exactly_the_corrupted_parameter() -> None:
     model = make_model()
     opt = SafeOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=1e-2), rollback=Rollback(every_steps=2)
+        torch.optim.AdamW(model.parameters(), lr=1e-2),
+        rollback=Rollback(every_steps=2, scope="corrupted"),
     )
     first, *others = list(model.parameters())
     corrupt_on(opt, {5}, lambda: first.view(-1)[3].fill_(math.nan))
@@ -223,6 +224,32 @@ def test_a_partial_rollback_restores_exactly_the_corrupted_parameter() -> None:
     assert torch.equal(opt.state[first]["exp_avg"], saved[4][1]["exp_avg"])
     # ... and every other parameter kept its step-5 update
     assert all(not torch.equal(p, b) for p, b in zip(others, saved[5][2]))
+    assert finite(model, opt)
+
+
+def test_by_default_a_rollback_restores_exactly_the_non_finite_entries() -> None:
+    model = make_model()
+    opt = SafeOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=1e-2), rollback=Rollback(every_steps=2)
+    )
+    assert opt.rollback is not None and opt.rollback.scope == "entries"
+    first = next(model.parameters())
+    corrupt_on(opt, {5}, lambda: first.view(-1)[3].fill_(math.nan))
+    kept: dict[int, Any] = {}
+    for step in range(1, 6):
+        opt.zero_grad()
+        backward(model, step)
+        opt.step()
+        kept[step] = first.detach().clone()
+    # the corrupted entry is the snapshot's (good step 4), every other entry step 5's update
+    after, snapshot = kept[5].view(-1), kept[4].view(-1)
+    assert after[3] == snapshot[3]
+    others = torch.ones_like(after, dtype=torch.bool)
+    others[3] = False
+    assert bool((after[others] != snapshot[others]).all())  # the step-5 update of the rest
+    (event,) = [e for e in opt.events() if e.kind == "rollback"]
+    assert "the non-finite entries of 1 parameter(s)" in event.reason
+    assert opt.stats()["lr_factor"] == 1.0  # one corrupting update: restored, not cut
     assert finite(model, opt)
 
 

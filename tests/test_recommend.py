@@ -84,17 +84,19 @@ def test_healthy_run_gives_no_recommendation() -> None:
 
 
 def test_repeated_corrupting_updates_recommend_a_lower_lr_with_the_cut_that_worked() -> None:
-    # updates that write NaN weights: each is rolled back and the LR cut (a bad input,
-    # skipped, never cuts)
-    opt = train(150, {50: "nan_weights", 100: "nan_weights"}, check_weights="every_step")
+    # updates that write NaN weights: each is rolled back; the second within 20 steps cuts
+    # the LR (a bad input, skipped, never cuts)
+    faults: dict[int, FaultKind] = {s: "nan_weights" for s in (50, 55, 100, 105)}
+    opt = train(150, faults, check_weights="every_step")
     advice = {a.kind: a for a in opt.recommendations()}
     lower = advice["lower_lr"]
     cuts = [e for e in opt.events() if e.kind == "lr_cut"]
     rollbacks = [e for e in opt.events() if e.kind == "rollback"]
     deepest = min(e.data["new_factor"] for e in cuts)
     assert lower.evidence["lr_cuts"] == len(cuts) == 2
-    # every cut is the one that came with a rollback for non-finite weights
-    assert [e.step for e in cuts] == [e.step for e in rollbacks] == [50, 100]
+    # every cut came with a rollback for non-finite weights, the second of each pair
+    assert [e.step for e in rollbacks] == [50, 55, 100, 105]
+    assert [e.step for e in cuts] == [55, 105]
     assert lower.evidence["weight_cuts"] == 2
     assert lower.evidence["failure_cuts"] == lower.evidence["threshold_cuts"] == 0
     assert lower.evidence["lr"] == LR == opt.param_groups[0]["lr"]
@@ -102,12 +104,13 @@ def test_repeated_corrupting_updates_recommend_a_lower_lr_with_the_cut_that_work
     assert lower.evidence["cut_lr"] == pytest.approx(LR * deepest)
     assert lower.evidence["lr_factor"] == pytest.approx(opt.stats()["lr_factor"])
     assert f"{LR:.3g}" in lower.message and f"{LR * deepest:.3g}" in lower.message
-    assert "steps 50, 100: 2 after an update wrote non-finite weights" in lower.message
+    assert "steps 55, 105: 2 after an update wrote non-finite weights" in lower.message
     assert "see rollback" in lower.message and "exploding" not in lower.message
 
 
 def test_a_single_cut_is_not_repeated() -> None:
-    opt = train(100, {50: "nan_weights"}, check_weights="every_step")
+    opt = train(100, {50: "nan_weights", 55: "nan_weights"}, check_weights="every_step")
+    assert [e.step for e in opt.events() if e.kind == "lr_cut"] == [55]
     assert "lower_lr" not in kinds(opt.recommendations())
     assert "lower_lr" in kinds(opt.recommendations(min_lr_cuts=1))
 

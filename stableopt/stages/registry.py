@@ -76,11 +76,12 @@ STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
     "emergency_clip": ("limit", "threshold", "skip_above"),
     "escalation": ("next", "consecutive_failures", "state"),
     "spike": ("bound", "watches", "explain"),
-    "emergency_lr": ("update", "triggers", "factor", "min_lr", "in_emergency"),
+    "emergency_lr": ("update", "triggers", "weight_fault", "factor", "min_lr", "in_emergency"),
     "hot_lr": ("update", "restart", "rebase", "is_elevated", "factor", "min_lr"),
     "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
     "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
     "rerun": ("capture", "restore", "applies", "count", "by_device"),
+    "ledger": ("tag", "take_tag", "is_known_bad", "record", "bad_ids"),
 }
 
 

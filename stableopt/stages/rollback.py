@@ -37,7 +37,7 @@ __all__ = ["Rollback"]
 log = logging.getLogger(__name__)
 
 _DEVICES = ("cpu", "same")
-_SCOPES = ("corrupted", "all")
+_SCOPES = ("entries", "corrupted", "all")
 
 
 class Rollback:
@@ -48,11 +48,16 @@ class Rollback:
             (default 100; ``>= 1``). A rollback loses at most this many steps.
         device: ``"cpu"`` (default; pinned host memory when the parameters are on
             CUDA, copies are non-blocking) or ``"same"`` (beside each parameter).
-        scope: what a rollback for non-finite weights restores: ``"corrupted"`` (default:
-            the parameters that hold a NaN/Inf, or whose optimizer state does, with their
-            state; every other parameter keeps its good, current values) or ``"all"``
+        scope: what a rollback for non-finite weights restores: ``"entries"`` (default:
+            only the NaN/Inf entries of the parameters and optimizer state that hold one,
+            each from the snapshot; every finite value keeps its current, good value),
+            ``"corrupted"`` (those parameters whole, with their whole state) or ``"all"``
             (every parameter and all state, back to the snapshot). A rollback because
-            steps keep failing always restores everything.
+            steps keep failing, or because the LR is too hot, always restores everything.
+            Measured on the stability benchmark's ``nan_weights`` scenario (a NaN written
+            into one weight on 1% of steps; median of 3 seeds, loss / fault-free): MLP
+            0.999 with ``"entries"``, 1.60 with ``"corrupted"``, 4.1 with ``"all"``; the
+            small LM 1.000, 1.001, 1.02.
         in_state_dict: include the snapshot in ``state_dict()`` (default
             ``False``). Without it, a checkpoint stays the size of the inner
             optimizer's and the loaded state becomes the snapshot; with it, a
@@ -67,7 +72,7 @@ class Rollback:
         every_steps: int = 100,
         device: str = "cpu",
         in_state_dict: bool = False,
-        scope: str = "corrupted",
+        scope: str = "entries",
     ) -> None:
         self.scope = check_choice("scope", scope, _SCOPES)
         self.every_steps = check_int("every_steps", every_steps, minimum=1)
@@ -126,15 +131,22 @@ class Rollback:
         return ()
 
     @torch.no_grad()
-    def restore(self, optimizer: Optimizer, only: Collection[int] | None = None) -> None:
+    def restore(
+        self, optimizer: Optimizer, only: Collection[int] | None = None, entries: bool = False
+    ) -> None:
         """Copy the snapshot back into the parameters and the optimizer state: all of them,
-        or the parameters ``only`` names (indices in ``param_groups`` order) and their state."""
+        or the parameters ``only`` names (indices in ``param_groups`` order) and their state;
+        with ``entries=True`` only their non-finite entries (every finite value stays)."""
         if self.snapshot_step is None:
             raise RuntimeError("no snapshot to restore")
         params = _all_params(optimizer)
         if len(params) != len(self._params):
             raise RuntimeError("the parameter set changed since the snapshot was taken")
         chosen = range(len(params)) if only is None else sorted(set(only))
+        if entries and only is not None:
+            for i in chosen:
+                self._restore_entries(optimizer, params[i], i)
+            return
         for i in chosen:
             _local(params[i]).copy_(self._params[i], non_blocking=True)
         for i in chosen:
@@ -147,6 +159,28 @@ class Rollback:
                 del live[key]
             for key, value in saved_state.items():
                 live[key] = _restore_value(live.get(key), value, p)
+
+    def _restore_entries(self, optimizer: Optimizer, param: Tensor, i: int) -> None:
+        """Put the snapshot's values where the parameter or its state is not finite; a
+        value that cannot be restored entry by entry (sparse, reshaped) is restored whole."""
+        _where_bad(_local(param), self._params[i])
+        saved_state = self._state[i]
+        live = optimizer.state.get(param)
+        if saved_state is None or live is None:
+            return
+        for key, value in saved_state.items():
+            current = live.get(key)
+            if not isinstance(value, _SavedTensor) or not isinstance(current, Tensor):
+                continue  # plain values (a step count) stay the current ones
+            local = _local(current)
+            if (
+                value.buffer.layout != torch.strided
+                or local.layout != torch.strided
+                or local.shape != value.buffer.shape
+            ):
+                live[key] = _restore_value(current, value, param)
+            else:
+                _where_bad(local, value.buffer)
 
     def _copy_into(self, buffer: Tensor | None, source: Tensor) -> Tensor:
         source = _local(source)
@@ -287,6 +321,13 @@ def _dtensor_spec(tensor: Tensor) -> tuple[Any, ...] | None:
         return None
     t: Any = tensor
     return (t.device_mesh, tuple(t.placements), t.shape, t.stride())
+
+
+def _where_bad(live: Tensor, saved: Tensor) -> None:
+    """``live[i] = saved[i]`` wherever ``live[i]`` is not finite (in place)."""
+    if live.dtype.is_floating_point or live.dtype.is_complex:
+        bad = ~torch.isfinite(live)
+        live.copy_(torch.where(bad, saved.to(live.device, non_blocking=True), live))
 
 
 def _restore_value(current: Any, saved: Any, param: Tensor) -> Any:
