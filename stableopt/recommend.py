@@ -63,7 +63,7 @@ class Recommendation:
     Attributes:
         kind: which rule gave it: ``"lower_lr"``, ``"clipping"``, ``"non_finite"``,
             ``"size_mismatch"``, ``"rollback"``, ``"hot_lr"``, ``"data_fault"``,
-            ``"spikes"``, ``"new_level"`` or ``"plateau"``.
+            ``"transient_fault"``, ``"spikes"``, ``"new_level"`` or ``"plateau"``.
         message: the advice in plain language, with the numbers.
         evidence: the numbers behind it, by name (counts, rates, learning rates,
             gradient norms; ``steps`` lists are in ``message``).
@@ -121,6 +121,7 @@ def recommend(
         _rollback(stats, events),
         _hot_lr(stats, events, lrs),
         _data_fault(events),
+        _transient(stats, events),
         _spikes(stats, events, levels, min_spike_skips),
         _new_level(stats, levels, level_ratio),
         _plateau(stats, events, lrs),
@@ -257,6 +258,25 @@ def _data_fault(events: Sequence[Event]) -> Recommendation | None:
         "inputs, broken labels, a corrupt shard)."
     )
     return Recommendation("data_fault", message, {"data_faults": float(len(faults))})
+
+
+def _transient(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendation | None:
+    count = int(stats.get("transient_faults", 0))
+    if count == 0:
+        return None
+    faults = [e for e in events if e.kind == "transient_fault"]
+    by_device = dict(stats.get("transient_faults_by_device") or {})
+    where = ", ".join(f"{device}: {n}" for device, n in sorted(by_device.items()))
+    message = (
+        f"{count} step(s) failed on their first evaluation and were healthy when re-run on "
+        f"the same batch and RNG state (steps {_steps(faults)}; {where}): transient faults, "
+        "possibly silent data corruption. The re-run's gradients were used, nothing was "
+        "skipped. One is noise; several on one device point at that device: run its "
+        "diagnostics (DCGM on NVIDIA GPUs) and watch stats()['transient_faults_by_device']."
+    )
+    evidence = {"transient_faults": float(count)}
+    evidence |= {f"transient_faults/{d}": float(n) for d, n in by_device.items()}
+    return Recommendation("transient_fault", message, evidence)
 
 
 def _clipping(

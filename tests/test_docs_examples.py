@@ -15,7 +15,7 @@ def python_blocks(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)
 
 
-@pytest.mark.parametrize("page", ["extending.md"])
+@pytest.mark.parametrize("page", ["extending.md", "when-a-step-goes-wrong.md"])
 def test_the_pages_python_blocks_run(page: str) -> None:
     blocks = python_blocks(DOCS / page)
     assert len(blocks) >= 2
