@@ -6,10 +6,13 @@
     stats    = grad_stats(grads)             one foreach pass: the total norm (and the loss mean)
     gate     : skip? clip coefficient?       stableopt.gate: read, then decide in floats;
                                              or, fused on an accelerator, on the device
+    rerun    : a failing step's closure      stableopt.rerun: once more, RNG restored; healthy
+               evaluated again                 then: a transient fault, its gradients are used
     inner.step()                             at our LR factor; the coefficient (and, on the
                                              device, the skip) ride in grad_scale / found_inf
     verify   : weights finite?               stableopt.weight_check
     respond  : histories, snapshot, counters, events, LR, escalation    stableopt.response
+               (a failing step enters the ledger with its batch)      stableopt.ledger
 
 Each stage is an object of :mod:`stableopt.stages` with its own state; the gate and
 the response hold no state of a stage's. The step reads the device once: before the

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from stableopt import SafeOptimizer
+from stableopt import SafeOptimizer, SkipReason
 from tests.helpers import batch, make_model, twin
 
 # Every test runs with the step decided on the host and on the device (conftest.py).
@@ -47,6 +47,11 @@ def test_gradscaler_without_clip_is_bit_identical_to_bare(fused: bool) -> None:
             scaled_backward(m, scaler, step, poison=step == 7)
             scaler.step(opt)
             scaler.update()
+        if fused and step in (6, 7):  # the fused kernel's found_inf skip is reported too
+            assert safe.last_step is not None and safe.step_was_skipped is (step == 7)
+            if step == 7:
+                assert safe.last_step.skip_reason is SkipReason.AMP_OVERFLOW
+                assert safe.last_step.reason is not None and "GradScaler" in safe.last_step.reason
         assert scalers[0].get_scale() == scalers[1].get_scale()
         assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters())), (
             step

@@ -315,3 +315,25 @@ def test_a_float64_run_trains_past_its_snapshots_and_skips_nan_steps() -> None:
     buffer = io.BytesIO()
     torch.save(opt.state_dict(), buffer)  # and it checkpoints
     assert buffer.tell() > 0
+
+
+def test_the_finite_flags_are_exact_and_in_order_for_mixed_dtypes() -> None:
+    """One flag per tensor, in order, against torch.isfinite: a tensor of huge finite values
+    (whose sum of squares overflows) is finite; groups of other dtypes do not reorder them."""
+    from stableopt.grad_norms import finite_flags
+
+    tensors = [
+        torch.full((10,), 3e38),  # finite, its L2 norm overflows float32
+        torch.tensor([1.0, math.nan], dtype=torch.bfloat16),
+        torch.ones(3, dtype=torch.float64),
+        torch.tensor([1.0, math.inf]),
+        torch.ones(2, dtype=torch.float16),
+        torch.tensor([1.0, -math.inf], dtype=torch.float64),
+        torch.tensor([1 + 1j, complex(math.nan, 0)], dtype=torch.complex64),
+        torch.arange(3),  # integers: finite by construction
+        torch.ones(0),
+    ]
+    expected = [bool(torch.isfinite(t).all()) for t in tensors]
+    assert finite_flags(tensors).tolist() == expected == [
+        True, False, True, False, True, False, False, True, True
+    ]  # fmt: skip
