@@ -140,6 +140,11 @@ METHODS: tuple[Method, ...] = (
         {**_OFF, "check_weights": "every_step"},
     ),
     Method("defaults", "defaults", "safe", "defaults"),
+    # the defaults with the cheaper weight checks (explicit options, see weight_check)
+    Method(
+        "defaults_params", "defaults, params check", "safe", "mode", {"check_weights": "params"}
+    ),
+    Method("defaults_lazy", "defaults, lazy check", "safe", "mode", {"check_weights": "lazy"}),
     Method(
         "fixed", f"fixed {CLIP_MAX_NORM:.1f}", "safe", "policy", {**_OFF, "clip": CLIP_MAX_NORM}
     ),

@@ -201,6 +201,24 @@ def format_markdown(result: PerfResult) -> str:
             ],
         ),
         "",
+        "## The weight check: the defaults with each `check_weights` mode (ratio to X + "
+        "clip_grad_norm_, IQR)",
+        "",
+        "`every_step` (the default) reads the updated parameters and their optimizer state after "
+        "every update; `params` the parameters only; `lazy` only on a suspect step and before a "
+        "snapshot (a corrupting update is undone at the next step).",
+        "",
+        *_table(
+            configs,
+            ["every_step (defaults)", "params", "lazy", "target"],
+            lambda c: [
+                _ratio(c["defaults"]),
+                _ratio(c["defaults_params"]),
+                _ratio(c["defaults_lazy"]),
+                f"{c['defaults'].time_target:g}",
+            ],
+        ),
+        "",
         "## Each stage alone: ratio to X + clip_grad_norm_",
         "",
         "`guard only`: every stage off (the non-finite skip is always on); each other column "
