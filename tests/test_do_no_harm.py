@@ -217,7 +217,9 @@ def test_a_nan_batch_every_25_steps_and_a_corrupting_update_do_not_diverge() -> 
 
     guarded, opt = regression(make, steps=task_steps, grad_fault=every(25, math.nan))
     counts = interventions(opt)
-    assert counts["rollbacks"] == 1 and counts["lr_cuts"] == 1  # the update's fault, once
+    # the update's fault, once: its NaN entry restored, the LR left alone (a second corrupting
+    # update within 20 steps would cut it)
+    assert counts["rollbacks"] == 1 and counts["lr_cuts"] == 0
     assert opt.stats()["steps"] == task_steps and math.isfinite(guarded)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from stableopt import EmergencyClip, PlateauLR, SafeOptimizer, SpikeGuard
+from stableopt import EmergencyClip, EmergencyLR, PlateauLR, SafeOptimizer, SpikeGuard
 from stableopt.optimizer import SafeOptimizer as _Safe
 from tests.helpers import backward, make_model
 
@@ -55,6 +55,7 @@ def _run(inner: str, clip: str, on_host: bool, monkeypatch: pytest.MonkeyPatch) 
         emergency_clip=EmergencyClip(threshold=50.0, skip_above=1e6),
         spike=SpikeGuard(window_steps=32, min_history=16, z_threshold=6.0, watch_grad_norm=False),
         plateau=PlateauLR(patience_steps=20, check_every_steps=5, threshold=0.5),
+        emergency_lr=EmergencyLR(weight_faults=1),  # the corrupting update cuts: one more path
         check_weights="every_step",
     )
 

@@ -202,7 +202,7 @@ def test_a_hot_lr_is_cut_with_a_rollback_and_the_run_trains() -> None:
     )
     cuts = [e for e in opt.events() if e.kind == "lr_cut"]
     assert len(cuts) >= 1
-    assert opt.stats()["lr_factor"] == pytest.approx(0.1 ** len(cuts))
+    assert opt.stats()["lr_factor"] == pytest.approx(HotLR().cut_factor ** len(cuts))
     assert opt.optimizer.param_groups[0]["lr"] == lr  # a multiplier, never written into the group
     # the cut restores a snapshot taken before the climb
     rollbacks = [e for e in opt.events() if e.kind == "rollback" and e.step == cuts[0].step]
@@ -229,8 +229,8 @@ def test_the_cut_event_carries_the_numbers_of_the_rule() -> None:
     # loss, whichever by more of its margin) and the cut
     assert f"{level:.4g}" in change.reason
     assert f"{reference:.4g}" in change.reason or f"{first:.4g}" in change.reason
-    assert "LR factor cut 1 -> 0.1" in change.reason
-    assert (change.old_factor, change.new_factor) == (1.0, pytest.approx(0.1))
+    assert "LR factor cut 1 -> 0.03" in change.reason  # the default factor
+    assert (change.old_factor, change.new_factor) == (1.0, pytest.approx(0.03))
 
 
 @pytest.mark.parametrize(
@@ -349,7 +349,7 @@ def test_a_cut_composes_with_the_users_scheduler() -> None:
     (cut,) = [e for e in opt.events() if e.kind == "lr_cut"]
     for step, lr in seen.items():
         scheduled = 0.1 / (1 + step - 1)
-        factor = 0.1 if step > cut.step else 1.0
+        factor = HotLR().cut_factor if step > cut.step else 1.0
         assert lr == pytest.approx(scheduled * factor, rel=1e-12)
     assert inner.param_groups[0]["lr"] == pytest.approx(0.1 / (1 + 30))
 

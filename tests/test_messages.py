@@ -124,7 +124,7 @@ def test_lr_factors_read_short_in_events_and_stay_exact_in_data() -> None:
                 optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
 
     inner.register_step_post_hook(write_nan)
-    opt = SafeOptimizer(inner, emergency_lr=EmergencyLR(cooldown_steps=0))
+    opt = SafeOptimizer(inner, emergency_lr=EmergencyLR(cooldown_steps=0, weight_faults=1))
     for step in range(14):
         opt.zero_grad()
         backward(model, step)
