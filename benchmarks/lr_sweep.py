@@ -28,6 +28,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -35,7 +36,7 @@ from benchmarks.lr_sweep_methods import SWEEP_METHODS, sweep_unavailable
 from benchmarks.pool import run_jobs
 from benchmarks.stability_scenarios import _WeightedLoss
 from benchmarks.tasks import CharLMTask, Regression, Task
-from benchmarks.training import make_scheduler, train
+from benchmarks.training import Outcome, make_scheduler, train
 
 __all__ = [
     "LRS",
@@ -119,10 +120,17 @@ class SweepRecord:
         return min(self.final, self.initial)
 
 
-def run_one(
-    task_name: str, schedule: str, method: str, lr: float, seed: int, steps: int | None = None
-) -> SweepRecord:
-    """Train one method at one LR (``steps``: override the task's run length)."""
+def train_method(
+    task_name: str,
+    schedule: str,
+    method: str,
+    lr: float,
+    seed: int,
+    steps: int | None = None,
+    before_step: Callable[[Any, Tensor], None] | None = None,
+) -> tuple[Any, Outcome]:
+    """Train one method at one LR (``steps``: override the task's run length); return the
+    method's runner and the outcome. ``before_step(runner, loss)`` sees every step first."""
     spec = TASKS[task_name]
     steps = steps or spec.steps
     task = spec.make(seed=seed)
@@ -131,11 +139,21 @@ def run_one(
     scheduler = make_scheduler(runner.optimizer, schedule, steps)
 
     def step(loss: Tensor) -> None:
+        if before_step is not None:
+            before_step(runner, loss)
         runner.step(loss)
 
     outcome = train(
         task, model, runner.optimizer, runner.loss, steps, scheduler=scheduler, step=step
     )
+    return runner, outcome
+
+
+def run_one(
+    task_name: str, schedule: str, method: str, lr: float, seed: int, steps: int | None = None
+) -> SweepRecord:
+    """Train one method at one LR (``steps``: override the task's run length)."""
+    runner, outcome = train_method(task_name, schedule, method, lr, seed, steps)
     skipped = runner.counters()[0]
     return SweepRecord(
         task_name,

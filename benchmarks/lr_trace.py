@@ -20,11 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from benchmarks.lr_sweep import TASKS
-from benchmarks.lr_sweep_methods import SWEEP_METHODS
+from benchmarks.lr_sweep import TASKS, train_method
 from benchmarks.report_common import machine_lines, matplotlib_pyplot
-from benchmarks.stability_scenarios import _WeightedLoss
-from benchmarks.training import make_scheduler, train
 
 
 @dataclass
@@ -45,27 +42,19 @@ def trace(
 ) -> Trace:
     """Train ``method`` on ``task_name`` at ``lr`` and record every step (``steps``: override
     the task's run length)."""
-    spec = TASKS[task_name]
-    steps = steps or spec.steps
-    task = spec.make(seed=seed)
-    model = task.make_model()
-    runner = SWEEP_METHODS[method](model, lr, _WeightedLoss(task.loss))
-    scheduler = make_scheduler(runner.optimizer, schedule, steps)
     record = Trace(method)
-    safe = getattr(runner, "safe", None)
 
-    def step(loss: Tensor) -> None:
-        scheduled = float(runner.inner.param_groups[0]["lr"])
-        factor = safe.lr_factor if safe is not None else 1.0
+    def before_step(runner: Any, loss: Tensor) -> None:
+        safe = getattr(runner, "safe", None)
         record.losses.append(float(loss.detach()))
-        record.scheduled.append(scheduled)
-        record.effective.append(scheduled * factor)
-        runner.step(loss)
+        record.scheduled.append(float(runner.inner.param_groups[0]["lr"]))
+        record.effective.append(
+            float(safe.effective_lr()[0]) if safe is not None else record.scheduled[-1]
+        )
 
-    outcome = train(
-        task, model, runner.optimizer, runner.loss, steps, scheduler=scheduler, step=step
-    )
+    runner, outcome = train_method(task_name, schedule, method, lr, seed, steps, before_step)
     record.initial, record.final = outcome.initial, outcome.final
+    safe = getattr(runner, "safe", None)
     if safe is not None:
         record.events = [(e.step, e.kind, e.reason) for e in safe.events()]
     return record

@@ -281,7 +281,6 @@ def _verdict(
     reason = None
     if not is_accepted:
         reason = _skip_reason(grad_norm, loss, crossed, amp_overflow)
-    if not is_accepted:
         clip_coefficient = 1.0
     return StepVerdict(
         step=step,

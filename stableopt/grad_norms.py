@@ -87,29 +87,34 @@ def _strided(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype | None = None) -> list[Tensor]:
-    norms: list[Tensor] = []
-    tensors = [_strided(t) for t in tensors]
-    for device, group in _by_device_and_dtype(tensors):
-        if _has_foreach_support(group, device):
-            norms.extend(torch._foreach_norm(group, ord, dtype=dtype))
-        else:
-            norms.extend(torch.linalg.vector_norm(t, ord, dtype=dtype) for t in group)
-    return norms
-
-
-def _norms_in_order(tensors: list[Tensor], ord: float) -> list[Tensor]:
-    """One norm per tensor, in the order of ``tensors`` (:func:`_norms` returns them by
-    device and dtype group, which is enough for a total but not for per-tensor flags)."""
+def _group_norms(
+    tensors: list[Tensor], ord: float, dtype: torch.dtype | None = None
+) -> list[tuple[list[int], list[Tensor]]]:
+    """Per device and dtype group (the order ``clip_grad_norm_`` uses): the indices of its
+    tensors in ``tensors`` and their norms, by ``_foreach_norm`` where it applies."""
     strided = [_strided(t) for t in tensors]
-    out: list[Tensor | None] = [None] * len(strided)
     grouped = _group_tensors_by_device_and_dtype([strided], with_indices=True)  # type: ignore[list-item]
+    out: list[tuple[list[int], list[Tensor]]] = []
     for (device, _), (group, indices) in grouped.items():
         members = cast(list[Tensor], group[0])
         if _has_foreach_support(members, device):
-            norms = list(torch._foreach_norm(members, ord))
+            norms = list(torch._foreach_norm(members, ord, dtype=dtype))
         else:
-            norms = [torch.linalg.vector_norm(t, ord) for t in members]
+            norms = [torch.linalg.vector_norm(t, ord, dtype=dtype) for t in members]
+        out.append((list(indices), norms))
+    return out
+
+
+def _norms(tensors: list[Tensor], ord: float, dtype: torch.dtype | None = None) -> list[Tensor]:
+    """One norm per tensor, in group order: enough for a total (stacked as
+    ``clip_grad_norm_`` stacks them, so the total is its bits)."""
+    return [norm for _, norms in _group_norms(tensors, ord, dtype) for norm in norms]
+
+
+def _norms_in_order(tensors: list[Tensor], ord: float) -> list[Tensor]:
+    """One norm per tensor, in the order of ``tensors`` (for per-tensor flags)."""
+    out: list[Tensor | None] = [None] * len(tensors)
+    for indices, norms in _group_norms(tensors, ord):
         for index, norm in zip(indices, norms, strict=True):
             out[index] = norm
     return cast(list[Tensor], out)

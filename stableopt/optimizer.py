@@ -296,7 +296,7 @@ class SafeOptimizer(Optimizer):
         loss, rng = None, None
         if closure is not None:
             if self.rerun is not None:  # to evaluate the same batch again, if it fails
-                rng = self.rerun.capture(self._all_params())
+                rng = self.rerun.capture()
             with torch.enable_grad():
                 loss = closure()
         self.monitor.count("steps")

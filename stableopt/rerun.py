@@ -67,11 +67,12 @@ class Rerun:
     def __init__(self) -> None:
         self.by_device: dict[str, int] = {}
 
-    def capture(self, params: Iterable[Tensor]) -> RNGState:
-        """The RNG state now: the CPU generator's, and each CUDA device's that holds a
-        parameter (a copy of a few bytes per generator: no device sync)."""
-        devices = {p.device.index or 0 for p in params if p.device.type == "cuda"}
-        cuda = {d: torch.cuda.get_rng_state(d) for d in sorted(devices)}
+    def capture(self) -> RNGState:
+        """The RNG state now: the CPU generator's, and every CUDA device's once CUDA is in use
+        (a copy of a few bytes per generator: no device sync, no pass over the parameters)."""
+        cuda: dict[int, Tensor] = {}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            cuda = dict(enumerate(torch.cuda.get_rng_state_all()))
         return RNGState(torch.get_rng_state(), cuda)
 
     def restore(self, state: RNGState) -> None:

@@ -163,7 +163,6 @@ class Response:
         transition = self.escalation.next(verdict)
         action = transition.action
         cut_reason = None
-        weight_fault_once = False  # a first corrupting update: restored, not cut
         hot_change: LRChange | None = None
         if action is Action.STOP:
             if verdict.weights_ok is False and self.rollback is not None:
@@ -205,11 +204,10 @@ class Response:
                 # LR is the cause and cuts it; once alone it is the numerics of one update
                 # (silent corruption, an unlucky eps): restored, not cut. A corruption from
                 # outside (a bit flip, user code) says nothing about the LR.
-                if by_update:
+                if by_update and (
+                    self.emergency_lr is None or self.emergency_lr.weight_fault(step)
+                ):
                     cut_reason = why
-                    weight_fault_once = self.emergency_lr is not None and not (
-                        self.emergency_lr.weight_fault(step)
-                    )
             else:
                 self.monitor.count("skipped_steps")
                 why = f"{self._skip_cause(verdict)}; {transition.reason}"
@@ -233,8 +231,6 @@ class Response:
                 else self._threshold_trigger(verdict)
             )
             immediate = emergency_reason is not None
-            if weight_fault_once:
-                trigger, immediate = None, False
             self._record_lr_change(
                 self.emergency_lr.update(
                     step, trigger, is_healthy=is_healthy and not hot_cut, immediate=immediate
