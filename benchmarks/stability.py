@@ -52,6 +52,7 @@ from benchmarks.stability_scenarios import (
     TokenTask,
     _WeightedLoss,
 )
+from benchmarks.tasks import Images
 from stableopt.errors import DivergenceError
 from stableopt.testing.faults import FaultInjector, FaultSchedule, RegressionTask
 
@@ -117,16 +118,25 @@ class _Injector(FaultInjector):
         self.injected.append((step, "grad_spike"))
 
 
-def _task(family: Family, scenario: Scenario, seed: int) -> RegressionTask | TokenTask:
+def _task(family: Family, scenario: Scenario, seed: int) -> RegressionTask | TokenTask | Images:
     return family.make_task(seed=seed, **scenario.task_options.get(family.name, {}))
 
 
 def _held_out(
-    model: nn.Module, task: RegressionTask | TokenTask, base: Callable[..., Tensor]
+    model: nn.Module,
+    task: RegressionTask | TokenTask | Images,
+    base: Callable[..., Tensor],
+    eval_mode: bool = False,
 ) -> float:
-    with torch.no_grad():
-        x, y = task.held_out()
-        return float(base(model(x), y))
+    was_training = model.training
+    if eval_mode:
+        model.eval()
+    try:
+        with torch.no_grad():
+            x, y = task.held_out()
+            return float(base(model(x), y))
+    finally:
+        model.train(was_training)
 
 
 def _lr_multiplier(schedule: str, steps: int) -> Callable[[int], float]:
@@ -198,7 +208,8 @@ def run_one(
                 error = f"DivergenceError at step {step}: {str(exc).splitlines()[0][:120]}"
                 break
             scheduler.step()
-    held_out = _held_out(model, task, family.base_loss)  # unweighted: the task's own loss
+    # unweighted: the task's own loss
+    held_out = _held_out(model, task, family.base_loss, family.eval_mode)
     skipped, rollbacks, cuts = runner.counters()
     runner.close()
     return RunRecord(

@@ -42,7 +42,10 @@ __all__ = [
 
 
 def _trim(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """The hand-written length fix of the plain methods: cut both to the shorter time axis."""
+    """The hand-written length fix of the plain methods: cut both to the shorter time axis
+    (sequences only: class logits against labels have no time axis to cut)."""
+    if pred.dim() < 3:
+        return pred, target
     n = min(pred.shape[-1], target.shape[-1])
     return pred[..., :n], target[..., :n]
 

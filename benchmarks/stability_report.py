@@ -116,7 +116,9 @@ def format_markdown(result: StabilityResult) -> str:
         ),
         "- families: `mlp` = RegressionTask (tanh MLP 8-32-32-1, MSE, batch 64, AdamW lr 1e-2); "
         "`lm` = 2-layer TransformerEncoder, d=32, vocab 64, seq 16, noisy copy language "
-        "(10% random targets), cross-entropy, batch 16, AdamW lr 1e-2",
+        "(10% random targets), cross-entropy, batch 16, AdamW lr 1e-2; `cnn` = 2 conv layers "
+        "with BatchNorm on 10-class 12x12 synthetic images, cross-entropy, batch 64, AdamW "
+        "lr 3e-3, held-out loss in eval mode",
         "- every method runs under the same LR schedule: 5% linear warm-up, cosine decay to "
         "10% of the peak (the `plateau` scenario: constant LR), stepped every loop step, "
         "skipped steps included",

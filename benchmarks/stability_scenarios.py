@@ -3,6 +3,9 @@
 - ``mlp``: :class:`~stableopt.testing.faults.RegressionTask` (a tanh MLP, MSE).
 - ``lm``: :class:`TokenTask`, a 2-layer ``nn.TransformerEncoder`` (d=32, vocab 64,
   length 16) learning a noisy copy language (cross-entropy).
+- ``cnn``: :class:`~benchmarks.tasks.Images`, a small CNN with BatchNorm on 10-class
+  synthetic images (cross-entropy), its held-out loss read in ``eval()`` mode (the
+  BatchNorm running statistics a forward pass writes are part of the model).
 
 A :class:`Scenario` is a fault (``kind`` at ``rate`` of the steps), a bad setting or a
 task change; :mod:`benchmarks.stability` runs each method under each of them.
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from benchmarks.tasks import Images
 from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask
 
 __all__ = ["FAMILIES", "SCENARIOS", "Family", "Scenario", "TokenTask"]
@@ -119,13 +123,16 @@ class Family:
     name: str
     steps: int
     lr: float
-    make_task: Callable[..., RegressionTask | TokenTask]
+    make_task: Callable[..., RegressionTask | TokenTask | Images]
     base_loss: Callable[[Tensor, Tensor], Tensor]
+    #: the held-out loss is read in ``eval()`` mode (a model with BatchNorm)
+    eval_mode: bool = False
 
 
 FAMILIES: dict[str, Family] = {
     "mlp": Family("mlp", 300, 1e-2, RegressionTask, F.mse_loss),
     "lm": Family("lm", 200, 1e-2, TokenTask, F.cross_entropy),
+    "cnn": Family("cnn", 300, 3e-3, Images, F.cross_entropy, eval_mode=True),
 }
 
 
@@ -180,7 +187,7 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
-        Scenario("clean", "no faults"),
+        Scenario("clean", "no faults", families=("mlp", "lm", "cnn")),
         Scenario("nan_grad", "1% of gradient entries NaN on 2% of steps", "nan_grad", 0.02),
         Scenario("inf_loss", "Inf loss on 2% of batches (bad batches)", "inf_loss", 0.02),
         Scenario(
@@ -228,6 +235,15 @@ SCENARIOS: dict[str, Scenario] = {
             own_reference=True,
             lr_schedule="constant",
             steps={"mlp": 1500},
+        ),
+        Scenario(
+            "nan_batch",
+            "CNN only: one input value NaN on 2% of batches (the forward pass writes NaN into "
+            "the BatchNorm running statistics before any optimizer step); held-out loss in "
+            "eval mode",
+            "nan_batch",
+            0.02,
+            families=("cnn",),
         ),
         Scenario(
             "seq_mismatch",

@@ -60,6 +60,7 @@ _SKIPS = {
     "above_skip_limit": SkipReason.ABOVE_SKIP_LIMIT,
     "loss_spike": SkipReason.LOSS_SPIKE,
     "grad_norm_spike": SkipReason.GRAD_NORM_SPIKE,
+    "norm_stats_spike": SkipReason.NORM_STATS_SPIKE,
 }
 
 
@@ -93,8 +94,14 @@ class Gate:
 
     # -- the formulas, for floats and 0-dim tensors alike --------------------------------
 
-    def bounds(self, norm_dtype: torch.dtype, loss_dtype: torch.dtype | None) -> tuple[Bound, ...]:
-        """This step's bounds, each rounded to the dtype of the number it bounds."""
+    def bounds(
+        self,
+        norm_dtype: torch.dtype,
+        loss_dtype: torch.dtype | None,
+        norm_stats: bool = False,
+    ) -> tuple[Bound, ...]:
+        """This step's bounds, each rounded to the dtype of the number it bounds
+        (``norm_stats``: the step measured its running statistics' growth)."""
         bounds: list[Bound] = []
         dtypes = {"grad_norm": norm_dtype, "loss": loss_dtype}
         if self.spike is not None:
@@ -103,6 +110,8 @@ class Gate:
                 bound = self.spike.bound(signal) if self.spike.watches(signal) else None
                 if bound is not None and dtype is not None:
                     bounds.append(Bound(f"{signal}_spike", signal, _rounded(bound, dtype)))
+            if norm_stats:  # the growth is measured against its own bound: 1
+                bounds.append(Bound("norm_stats_spike", "norm_stats", 1.0))
         if self.emergency_clip is not None:
             skip_above = self.emergency_clip.skip_above
             if skip_above is not None:
@@ -122,6 +131,7 @@ class Gate:
         bounds: Sequence[Bound],
         norm_dtype: torch.dtype,
         loss_dtype: torch.dtype | None,
+        norm_stats: Num | None = None,
     ) -> Tensor | bool:
         """May the update run: a finite norm and loss, at most every skip bound.
 
@@ -134,6 +144,9 @@ class Gate:
         if loss is not None and loss_dtype is not None:
             loss_limit = _limit(bounds, "loss", loss_dtype)
             is_ok = is_ok & is_within(loss, -_largest(loss_dtype), loss_limit)
+        if norm_stats is not None:
+            # NaN is 0 there already: a non-finite statistic is the weight check's to tell
+            is_ok = is_ok & (norm_stats <= _limit(bounds, "norm_stats", torch.float32))
         return is_ok
 
     def max_norm(self, grad_norm: Num) -> Num | None:
@@ -159,6 +172,8 @@ class Gate:
         tensors = [stats.grad_norm]
         if stats.loss is not None:
             tensors.append(stats.loss)
+        if stats.norm_stats is not None:
+            tensors.append(stats.norm_stats)
         flags = {}
         if amp_found_inf is not None:
             flags["amp_overflow"] = amp_found_inf > 0
@@ -166,9 +181,10 @@ class Gate:
             flags["clipped_in_place"] = clipped_in_place
         host, values = _read(flags, tensors)
         grad_norm, loss = values[0], (values[1] if stats.loss is not None else None)
+        norm_stats = values[-1] if stats.norm_stats is not None else None
         norm_dtype, loss_dtype = _dtypes(stats)
-        bounds = self.bounds(norm_dtype, loss_dtype)
-        is_ok = bool(self.passes(grad_norm, loss, bounds, norm_dtype, loss_dtype))
+        bounds = self.bounds(norm_dtype, loss_dtype, norm_stats is not None)
+        is_ok = bool(self.passes(grad_norm, loss, bounds, norm_dtype, loss_dtype, norm_stats))
         is_ok = is_ok and not host.get("amp_overflow", False)
         max_norm = self.max_norm(grad_norm)
         coefficient, value = None, 1.0
@@ -196,6 +212,7 @@ class Gate:
             clip_threshold=None if max_norm is None else float(max_norm),
             clip_coefficient=value,
             clipped_in_place=host.get("clipped_in_place", False),
+            norm_stats=norm_stats,
         )
         return verdict, coefficient
 
@@ -211,8 +228,11 @@ class Gate:
         coefficient for ``grad_scale``."""
         grad_norm = stats.grad_norm
         norm_dtype, loss_dtype = _dtypes(stats)
-        bounds = self.bounds(norm_dtype, loss_dtype)
-        is_ok = self.passes(grad_norm, stats.loss, bounds, norm_dtype, loss_dtype)
+        norm_stats = stats.norm_stats
+        bounds = self.bounds(norm_dtype, loss_dtype, norm_stats is not None)
+        if norm_stats is not None:
+            norm_stats = _on(norm_stats, grad_norm.device)
+        is_ok = self.passes(grad_norm, stats.loss, bounds, norm_dtype, loss_dtype, norm_stats)
         assert isinstance(is_ok, Tensor)
         flags: dict[str, Tensor] = {}
         if amp_found_inf is not None:
@@ -224,6 +244,8 @@ class Gate:
         numbers = {"grad_norm": grad_norm}
         if stats.loss is not None:
             numbers["loss"] = stats.loss
+        if norm_stats is not None:
+            numbers["norm_stats"] = norm_stats
         max_norm = self.max_norm(grad_norm)
         coefficient = None
         if max_norm is not None:
@@ -254,6 +276,7 @@ class Gate:
             clip_coefficient=min(values.get("coefficient", 1.0), 1.0),
             clipped_in_place=host.get("clipped_in_place", False),
             weights_ok=host.get("weights_ok"),
+            norm_stats=values.get("norm_stats"),
         )
         return verdict
 
@@ -270,9 +293,10 @@ def _verdict(
     clip_coefficient: float,
     clipped_in_place: bool,
     weights_ok: bool | None = None,
+    norm_stats: float | None = None,
 ) -> StepVerdict:
     """The verdict from host numbers: which bounds they crossed tells why a step was skipped."""
-    values = {"grad_norm": grad_norm, "loss": loss}
+    values = {"grad_norm": grad_norm, "loss": loss, "norm_stats": norm_stats}
     crossed = set()
     for bound in bounds:
         value = values[bound.signal]

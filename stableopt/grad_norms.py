@@ -67,10 +67,14 @@ class GradStats:
         grad_norm: total L2 norm of all gradients (pre-clip), over all shards.
         loss: the mean over ranks of the ``loss`` given to :func:`grad_stats`
             (``None`` when none was given).
+        norm_stats: the growth of the model's normalisation statistics in the step's
+            forward pass over its bound (:meth:`stableopt.buffers.ModelBuffers.norm_stats`;
+            ``None``: not judged).
     """
 
     grad_norm: Tensor
     loss: Tensor | None = None
+    norm_stats: Tensor | None = None
 
 
 def _by_device_and_dtype(tensors: list[Tensor]) -> list[tuple[torch.device, list[Tensor]]]:

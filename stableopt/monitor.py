@@ -112,6 +112,7 @@ class Monitor:
         "lr_changes",
         "transient_faults",
         "data_faults",
+        "buffer_restores",
         "consecutive_failures",
     )
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -34,9 +35,10 @@ from torch.optim import Optimizer
 
 from stableopt import _accelerate, checkpoint, recommend
 from stableopt._checks import check_int
+from stableopt.buffers import ModelBuffers
 from stableopt.escalation import Escalation
 from stableopt.gate import Gate
-from stableopt.grad_norms import grad_stats, non_finite_params
+from stableopt.grad_norms import GradStats, grad_stats, non_finite_params
 from stableopt.inner_update import InnerUpdate
 from stableopt.ledger import Ledger
 from stableopt.monitor import Event, Monitor
@@ -188,6 +190,10 @@ class SafeOptimizer(Optimizer):
                 "max_consecutive_failures", max_consecutive_failures, minimum=1
             )
         self.monitor = monitor if monitor is not None else Monitor()
+        #: The model's buffers (BatchNorm statistics, ...): put back when a step does not
+        #: update (:mod:`stableopt.buffers`); found from the first forward pass.
+        self.model_buffers = ModelBuffers()
+        self.model_buffers.discover(p for group in optimizer.param_groups for p in group["params"])
         self.gate = Gate(self.clip, self.emergency_clip, self.spike)
         self.inner = InnerUpdate(optimizer)
         self.response = Response(
@@ -201,6 +207,7 @@ class SafeOptimizer(Optimizer):
             rerun=self.rerun,
             ledger=self.ledger,
             rollback=self.rollback,
+            buffers=self.model_buffers,
             monitor=self.monitor,
             escalation=self.escalation,
             stats=self.stats,
@@ -258,6 +265,20 @@ class SafeOptimizer(Optimizer):
         if self.rollback is not None:
             self.rollback.invalidate()
         self._is_verified = False
+        self.model_buffers.discover(self.param_groups[-1]["params"])
+
+    def watch(self, *modules: torch.nn.Module) -> None:
+        """Put back the buffers of ``modules`` too when a step does not update.
+
+        Not needed where the model is called as a module: the first forward pass tells
+        which modules hold the optimizer's parameters (:mod:`stableopt.buffers`). Call it
+        for a model used without a module call (``torch.func.functional_call``), or to add
+        a module that holds none of the parameters but whose buffers the forward writes.
+
+        Raises:
+            TypeError: an argument is not a ``torch.nn.Module``.
+        """
+        self.model_buffers.watch(*modules)
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Tell the optimizer this step's loss (no sync; several calls are averaged).
@@ -301,6 +322,15 @@ class SafeOptimizer(Optimizer):
                 loss = closure()
         self.monitor.count("steps")
         step = self.monitor.counters["steps"]
+        self.model_buffers.settle()
+        try:
+            return self._step(step, closure, loss, rng)
+        finally:
+            # what a step leaves is what the next one puts back if it does not update
+            self.model_buffers.keep()
+            self.model_buffers.arm()
+
+    def _step(self, step: int, closure: Callable[[], Any] | None, loss: Any, rng: Any) -> Any:
         tag = self.ledger.take_tag() if self.ledger is not None else None
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
@@ -310,7 +340,7 @@ class SafeOptimizer(Optimizer):
             grads, self.__dict__, unscale_here=_clips_in_place(self.clip)
         )
         # The loss mean over ranks rides in the gradient norm's collective (one per step).
-        stats = grad_stats(grads, amp_scale, loss=self._step_loss(loss))
+        stats = self._with_norm_stats(grad_stats(grads, amp_scale, loss=self._step_loss(loss)))
         clipped_in_place = self._clip_in_place(grads, params)
         if self._decides_before_update(grads):
             verdict, coefficient = self.gate.decide(step, stats, amp_found_inf, clipped_in_place)
@@ -333,6 +363,10 @@ class SafeOptimizer(Optimizer):
         verdict = self.weight_check.verify(
             verdict, self.optimizer, params, self._all_params(), self.response.is_snapshot_due()
         )
+        if verdict.is_accepted and self.weight_check.mode != "off":
+            bad_buffers = self.model_buffers.non_finite()  # measured before the update
+            if bad_buffers:
+                verdict = replace(verdict, bad_buffers=bad_buffers)
         self.last_verdict = verdict
         self.response.respond(
             verdict, weights_checked_after_updates=self.weight_check.after_every_update, tag=tag
@@ -376,19 +410,27 @@ class SafeOptimizer(Optimizer):
         """Evaluate the closure again on the same batch and RNG state; decide again."""
         assert self.rerun is not None
         self.rerun.restore(rng)
+        self.model_buffers.put_back()  # the second forward starts where the first did
         for p in self._all_params():
             p.grad = None
         with torch.enable_grad():
             loss = closure()
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
-        stats = grad_stats(grads, None, loss=self._step_loss(loss))
+        stats = self._with_norm_stats(grad_stats(grads, None, loss=self._step_loss(loss)))
         verdict, coefficient = self.gate.decide(
             step, stats, None, self._clip_in_place(grads, params)
         )
         devices = sorted({str(p.device) for p in params}) or ["cpu"]
         self.response.triaged(first, verdict, devices)
         return verdict, coefficient, loss, params, grads
+
+    def _with_norm_stats(self, stats: GradStats) -> GradStats:
+        """``stats`` with the growth of the normalisation layers' running statistics in this
+        step's forward pass (judged by the spike guard: none without it); the buffers the
+        forward wrote are read once here, for the check after the update too."""
+        norm_stats = self.model_buffers.measure(judge_stats=self.spike is not None)
+        return stats if norm_stats is None else replace(stats, norm_stats=norm_stats)
 
     def _step_loss(self, closure_loss: Any) -> Tensor | None:
         """This rank's loss for the step (the closure's, else the mean of the observed ones)."""
@@ -631,6 +673,7 @@ class SafeOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._init_hooks()
+        self.model_buffers.discover(self._all_params())
 
     def __repr__(self) -> str:
         inner = "\n".join("    " + line for line in repr(self.optimizer).splitlines())

@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor
 from torch.optim import Optimizer
 
+from stableopt.buffers import NORM_STATS_RATIO, ModelBuffers
 from stableopt.errors import DivergenceError
 from stableopt.escalation import Action, Escalation, Transition
 from stableopt.ledger import Ledger
@@ -50,6 +51,7 @@ class Response:
         rerun: the rerun triage (``None``: off): its per-device counts of transient faults.
         ledger: the bad-batch ledger (``None``: off): every failing step is recorded there.
         rollback: snapshots (``None``: off; a corrupted update then stops the run).
+        buffers: the model's buffers, put back when a step does not update (``None``: none).
         monitor: where counters and events go.
         escalation: the state machine of failures (skip, new level, rollback, stop).
         stats: the optimizer's ``stats()``, for the :class:`DivergenceError`.
@@ -68,6 +70,7 @@ class Response:
         hot_lr: HotLR | None = None,
         rerun: Rerun | None = None,
         ledger: Ledger | None = None,
+        buffers: ModelBuffers | None = None,
         monitor: Monitor,
         escalation: Escalation,
         stats: Callable[[], dict[str, Any]],
@@ -83,6 +86,8 @@ class Response:
         self.ledger = ledger
         self._tag: tuple[Any, ...] | None = None  # the step's batch tag (the ledger's)
         self.rollback = rollback
+        self.buffers = buffers
+        self._restored_all = False  # this step restored the whole snapshot, buffers included
         self.monitor = monitor
         self.escalation = escalation
         self._stats = stats
@@ -111,11 +116,14 @@ class Response:
         (:meth:`_respond`). ``tag``: the step's batch (:meth:`SafeOptimizer.tag_batch`). A
         step that did not update ends up in the ledger, even one that stops the run."""
         self._tag = tag
+        self._restored_all = False
         try:
             self._respond(verdict, weights_checked_after_updates=weights_checked_after_updates)
         finally:
             self._reproduced = False
             outcome = self.last_outcome
+            if outcome is not None and outcome.step == verdict.step:
+                self._settle_buffers(verdict, outcome.status)
             if (
                 self.ledger is not None
                 and outcome is not None
@@ -252,6 +260,44 @@ class Response:
         else:
             self._set_outcome(verdict, "skipped", self._skip_cause(verdict))
 
+    def _settle_buffers(self, verdict: StepVerdict, status: StepStatus) -> None:
+        """The model's buffers after the step: as before its forward pass when its update
+        did not run (unless a full restore put the snapshot's back), and wherever the
+        forward pass left a NaN or Inf."""
+        if self.buffers is None or self._restored_all:
+            return
+        if status == "updated" or (status == "rolled_back" and verdict.is_accepted):
+            if verdict.bad_buffers:
+                self.buffers.put_back(verdict.bad_buffers)
+                self._buffers_event(verdict.bad_buffers, skipped=False)
+            return
+        bad = self.buffers.put_back()
+        if bad:
+            self._buffers_event(bad, skipped=True)
+
+    def _buffers_event(self, bad: tuple[int, ...], *, skipped: bool) -> None:
+        assert self.buffers is not None
+        what = self.buffers.describe(bad)
+        if skipped:
+            reason = (
+                f"{what} became NaN/Inf in the forward pass of the skipped batch: restored "
+                "to their values before it (the model equals one that never saw the batch)"
+            )
+        else:
+            reason = (
+                f"{what} became NaN/Inf in the forward pass of this step although its loss "
+                "and gradients were finite (NaN/Inf in inputs the loss does not count, such "
+                "as padding): restored to their values before it; the update was kept"
+            )
+        self.monitor.count("buffer_restores")
+        self.monitor.event(
+            "buffers_restored",
+            reason,
+            modules=float(len(self.buffers.modules_of(bad))),
+            buffers=float(len(bad)),
+            skipped=float(skipped),
+        )
+
     def _set_outcome(self, verdict: StepVerdict, status: StepStatus, reason: str | None) -> None:
         self.last_outcome = StepOutcome(
             step=verdict.step,
@@ -316,9 +362,12 @@ class Response:
             if self._reproduced
             else ""
         )
+        kept = (
+            "weights, buffers" if self.buffers is not None and self.buffers.buffers else "weights"
+        )
         self.monitor.event(
             "skip",
-            f"{self._skip_cause(verdict)}{reproduced}: step skipped, weights and optimizer "
+            f"{self._skip_cause(verdict)}{reproduced}: step skipped, {kept} and optimizer "
             "state unchanged",
             grad_norm=verdict.grad_norm,
         )
@@ -333,6 +382,8 @@ class Response:
             self.plateau.restart()
         if self.hot_lr is not None:
             self.hot_lr.rebase()
+        if self.buffers is not None:
+            self.buffers.accept_level()
         norms = [n.grad_norm for n in transition.new_level]
         self.monitor.count("new_levels")
         self.monitor.event(
@@ -376,7 +427,8 @@ class Response:
         like spikes.
         """
         assert self.rollback is not None
-        bad = self.rollback.take(self.optimizer, step, verified)
+        buffers = self.buffers.tensors() if self.buffers is not None else []
+        bad = self.rollback.take(self.optimizer, step, verified, buffers=buffers)
         if not bad:
             self.rollback.stage_states = {
                 name: copy.deepcopy(stage.state_dict())
@@ -408,6 +460,13 @@ class Response:
             return f"loss spike ({loss:.4g}, {self.spike.explain('loss', loss)})"
         if self.spike is not None and reason is SkipReason.GRAD_NORM_SPIKE:
             return f"gradient-norm spike ({grad_norm:.4g}, {self.spike.explain('grad_norm', grad_norm)})"
+        if reason is SkipReason.NORM_STATS_SPIKE and self.buffers is not None:
+            path, growth = self.buffers.norm_stats_detail()
+            return (
+                f"running-statistics spike (the running variance of `{path}` grew {growth:.3g}x "
+                "in the forward pass: a batch far outside the data, its variance about "
+                f"{NORM_STATS_RATIO:g}x the running one or more; gradient norm {grad_norm:.4g})"
+            )
         return f"step rejected (gradient norm {grad_norm:.4g})"
 
     def _threshold_trigger(self, verdict: StepVerdict) -> str | None:
@@ -442,7 +501,11 @@ class Response:
         assert self.rollback is not None
         partial = bool(only) and self.rollback.scope in ("corrupted", "entries")
         entries = partial and self.rollback.scope == "entries"
-        self.rollback.restore(self.optimizer, only if partial else None, entries=entries)
+        buffers = self.buffers.tensors() if self.buffers is not None and not partial else []
+        self.rollback.restore(
+            self.optimizer, only if partial else None, entries=entries, buffers=buffers
+        )
+        self._restored_all = not partial
         for name, stage in self._judging_stages().items():
             if name in self.rollback.stage_states and not partial:
                 stage.load_state_dict(copy.deepcopy(self.rollback.stage_states[name]))
@@ -458,7 +521,8 @@ class Response:
                 "other parameter kept"
             )
         else:
-            what = f"weights and optimizer state restored to {snapshot}"
+            kept = "weights, buffers" if buffers else "weights"
+            what = f"{kept} and optimizer state restored to {snapshot}"
         self.monitor.count("rollbacks")
         self.monitor.event(
             "rollback", f"{why}: {what}", snapshot_step=float(self.rollback.snapshot_step or 0)

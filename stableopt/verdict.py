@@ -38,6 +38,9 @@ class SkipReason(str, Enum):
     LOSS_SPIKE = "loss_spike"
     #: The gradient norm is an outlier against the spike guard's window.
     GRAD_NORM_SPIKE = "grad_norm_spike"
+    #: The forward pass moved a normalisation layer's running statistics far beyond what
+    #: one batch of the data can (a batch far outside the data: :mod:`stableopt.buffers`).
+    NORM_STATS_SPIKE = "norm_stats_spike"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,9 @@ class StepVerdict:
             step; ``None`` when the weights were not checked.
         bad_params: the parameters found non-finite (indices in the optimizer's
             ``param_groups`` order), when the check tells them apart.
+        bad_buffers: the model's buffers the step's forward pass left non-finite
+            (indices into ``SafeOptimizer.model_buffers.buffers``), checked on an accepted
+            step.
     """
 
     step: int
@@ -74,6 +80,7 @@ class StepVerdict:
     is_emergency: bool = False
     weights_ok: bool | None = None
     bad_params: tuple[int, ...] = ()
+    bad_buffers: tuple[int, ...] = ()
 
     @property
     def grads_finite(self) -> bool:
@@ -87,8 +94,13 @@ class StepVerdict:
 
     @property
     def is_spike(self) -> bool:
-        """The step was skipped as a loss or gradient-norm spike."""
-        return self.skip_reason in (SkipReason.LOSS_SPIKE, SkipReason.GRAD_NORM_SPIKE)
+        """The step was skipped as a spike (of the loss, the gradient norm or the running
+        statistics)."""
+        return self.skip_reason in (
+            SkipReason.LOSS_SPIKE,
+            SkipReason.GRAD_NORM_SPIKE,
+            SkipReason.NORM_STATS_SPIKE,
+        )
 
     @property
     def numbers(self) -> StepNumbers:

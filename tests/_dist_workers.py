@@ -231,8 +231,49 @@ def _ddp_run(
     }
 
 
+def make_bn_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+
+BN_STEPS, BN_NAN_STEP = 40, 30
+
+
+def bn_run(rank: int, wrap: Callable[[nn.Module], nn.Module], skip_bad: bool) -> dict[str, Any]:
+    """A BatchNorm model, rank 0's batch NaN at ``BN_NAN_STEP`` (or, ``skip_bad``, that step
+    left out on every rank): what the buffers and weights are at the end."""
+    inner = make_bn_model(seed=0)
+    model = wrap(inner)
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for step in range(BN_STEPS):
+        x, y = batch(step, seed=rank + 1)
+        if step == BN_NAN_STEP:
+            if skip_bad:
+                continue
+            if rank == 0:
+                x[3, 2] = float("nan")
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    with torch.no_grad():
+        inner.eval()
+        out = inner(batch(999, seed=7)[0])
+    return {
+        "buffers": [b.detach().clone() for b in inner.buffers()],
+        "params": [_full_tensor(p) for p in inner.parameters()],
+        "skipped": opt.stats()["skipped_steps"],
+        "eval_finite": bool(torch.isfinite(out).all()),
+    }
+
+
+def _full_tensor(tensor: Any) -> torch.Tensor:
+    full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return cast(torch.Tensor, full).detach().clone()
+
+
 def ddp(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
     """Each rank its own data; rank 0 gets a NaN batch, rank 1 a loss spike; a plateau run."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
 
     def adamw(params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=1e-2)
@@ -242,6 +283,8 @@ def ddp(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
         return SafeOptimizer(adamw(params), plateau=plateau)
 
     return {
+        "bn": bn_run(rank, DDP, skip_bad=False),
+        "bn_never": bn_run(rank, DDP, skip_bad=True),
         "defaults": _ddp_run(rank, DDP_STEPS, lambda p: SafeOptimizer(adamw(p)), False),
         "clip1": _ddp_run(rank, DDP_STEPS, lambda p: SafeOptimizer(adamw(p), clip=1.0), False),
         "plateau": _ddp_run(rank, PLATEAU_STEPS, with_plateau, True),
@@ -505,6 +548,8 @@ def _fsdp_checkpoint(rank: int, world_size: int, out_dir: Path) -> dict[str, Any
 
 def fsdp(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
     return {
+        "bn": bn_run(rank, _shard, skip_bad=False),
+        "bn_never": bn_run(rank, _shard, skip_bad=True),
         "norm": _fsdp_norm(rank, world_size),
         "transparency": _fsdp_transparency(rank, world_size),
         "faults": _fsdp_faults(rank, world_size),

@@ -43,3 +43,34 @@ def test_compiling_step_itself_breaks_at_the_host_reads() -> None:
     # CPU gradients: the norm and the loss are read (item) and decided in floats
     assert "Tensor.item()" in reasons
     torch._dynamo.reset()
+
+
+def _bn_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+
+def _bn_run(skip_bad: bool) -> nn.Module:
+    model = _bn_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    for step in range(12):
+        x, y = batch(step)
+        if step == 6:
+            if skip_bad:
+                continue
+            x = x.clone()
+            x[0, 0] = float("nan")
+        opt.zero_grad()
+        nn.functional.mse_loss(compiled(x), y).backward()
+        opt.step()
+    if not skip_bad:
+        assert opt.stats()["skipped_steps"] == 1
+    return model
+
+
+def test_a_compiled_batchnorm_model_skips_a_nan_batch_without_a_trace() -> None:
+    """The compiled graph writes the running statistics back into the buffers: put back."""
+    model, never = _bn_run(skip_bad=False), _bn_run(skip_bad=True)
+    for (name, a), (_, b) in zip(model.state_dict().items(), never.state_dict().items()):
+        assert torch.equal(a, b), name

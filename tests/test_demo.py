@@ -363,7 +363,14 @@ def test_schedule_validates_its_arguments() -> None:
     assert schedule.describe() == "step 2 grad_spike (x100000), step 5 nan_grad"
     with pytest.raises(TypeError):
         schedule.faults[3] = "nan_grad"  # type: ignore[index]
-    assert set(FAULT_KINDS) == {"nan_grad", "inf_loss", "grad_spike", "nan_weights", "poison_batch"}
+    assert set(FAULT_KINDS) == {
+        "nan_grad",
+        "inf_loss",
+        "grad_spike",
+        "nan_weights",
+        "poison_batch",
+        "nan_batch",
+    }
 
 
 def test_task_and_model_depend_on_the_seed_only() -> None:

@@ -51,6 +51,21 @@ def _skip_steps(stats: dict[str, Any]) -> list[int]:
 # -- DDP ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("which", ["ddp", "fsdp"])
+def test_a_nan_batch_on_one_rank_leaves_every_ranks_batchnorm_as_if_never_seen(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    """Rank 0's batch holds a NaN: both ranks skip, and each rank's BatchNorm statistics
+    and weights equal those of a run in which that step never happened."""
+    ranks = request.getfixturevalue(which)
+    for result in ranks:
+        seen, never = result["bn"], result["bn_never"]
+        assert seen["skipped"] == 1 and never["skipped"] == 0
+        assert seen["eval_finite"]
+        assert _same_tensors(seen["buffers"], never["buffers"])
+        assert _same_tensors(seen["params"], never["params"])
+
+
 @pytest.mark.parametrize("label", ["defaults", "clip1", "plateau"])
 def test_ddp_ranks_decide_alike_and_stay_bit_identical(ddp: Any, label: str) -> None:
     r0, r1 = ddp[0][label], ddp[1][label]

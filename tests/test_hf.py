@@ -400,3 +400,46 @@ def test_missing_transformers_names_the_extra(monkeypatch: Any) -> None:
     monkeypatch.delitem(sys.modules, "stableopt.integrations.hf")
     with pytest.raises(ImportError, match=r"stableopt\[hf\]"):
         importlib.import_module("stableopt.integrations.hf")
+
+
+class BatchNormRegressor(torch.nn.Module):
+    """Not a transformers model: the Trainer takes any module whose output has a ``loss``."""
+
+    def __init__(self, nan_calls: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(SEQ, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.Tanh(),
+            torch.nn.Linear(16, 1),
+        )
+        self.nan_calls = set(nan_calls)
+        self.calls = 0
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = input_ids.float() / VOCAB
+        if self.training:
+            self.calls += 1
+            if self.calls in self.nan_calls:
+                x = x.clone()
+                x[0, 0] = float("nan")
+        loss = torch.nn.functional.mse_loss(
+            self.net(x), labels.float().mean(1, keepdim=True) / VOCAB
+        )
+        return {"loss": loss}
+
+
+def test_a_skipped_nan_batch_leaves_the_batchnorm_statistics_finite(tmp_path: Any) -> None:
+    model = BatchNormRegressor(nan_calls=(3,))
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    trainer = Trainer(
+        model=model, args=make_args(tmp_path), train_dataset=Tokens(), optimizers=(opt, None)
+    )
+    trainer.train()
+    assert opt.stats()["skipped_steps"] == 1
+    assert [e.kind for e in opt.events() if e.step == 3][:2] == ["skip", "buffers_restored"]
+    assert all(torch.isfinite(b.float()).all() for b in model.buffers())
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model.net(torch.rand(4, SEQ))).all()

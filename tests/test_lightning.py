@@ -331,3 +331,44 @@ def test_missing_lightning_names_the_extra(monkeypatch: Any) -> None:
     monkeypatch.delitem(sys.modules, "stableopt.integrations.lightning")
     with pytest.raises(ImportError, match=r"stableopt\[lightning\]"):
         importlib.import_module("stableopt.integrations.lightning")
+
+
+class BatchNormRegression(pl.LightningModule):
+    """A BatchNorm net whose input holds a NaN on chosen optimizer steps (0-based)."""
+
+    def __init__(self, nan_steps: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+        self.nan_steps = set(nan_steps)
+        self.buffers_before: dict[int, list[torch.Tensor]] = {}
+        self.buffers_after: dict[int, list[torch.Tensor]] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        if self.global_step in self.nan_steps:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.buffers_before[self.global_step] = [b.clone() for b in self.buffers()]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.buffers_after[self.global_step - 1] = [b.clone() for b in self.buffers()]
+
+    def configure_optimizers(self) -> Any:
+        self.safe = SafeOptimizer(torch.optim.AdamW(self.parameters(), lr=1e-2))
+        return self.safe
+
+
+def test_a_skipped_nan_batch_leaves_the_batchnorm_statistics_as_they_were(tmp_path: Any) -> None:
+    """The forward runs inside Lightning's closure: the running statistics it wrote go back."""
+    model = BatchNormRegression(nan_steps=(3,))
+    trainer = make_trainer(tmp_path)
+    trainer.fit(model, loader())
+    assert model.safe.stats()["skipped_steps"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(model.buffers_before[3], model.buffers_after[3]))
+    assert not torch.equal(model.buffers_before[2][0], model.buffers_after[2][0])
+    model.eval()
+    assert torch.isfinite(model.net(torch.randn(8, 4))).all()

@@ -25,7 +25,11 @@ from benchmarks.stability_summary import summarize
 SCENARIOS = ("clean", "nan_grad")
 METHODS = ("adamw", "adamw+clip", "safe")
 CONFIG = StabilityConfig(
-    scenarios=SCENARIOS, methods=METHODS, seeds=1, steps={"mlp": 40, "lm": 20}, jobs=1
+    scenarios=SCENARIOS,
+    methods=METHODS,
+    seeds=1,
+    steps={"mlp": 40, "lm": 20, "cnn": 20},
+    jobs=1,
 )
 
 
@@ -36,7 +40,13 @@ def result() -> StabilityResult:
 
 def test_one_record_per_cell(result: StabilityResult) -> None:
     keys = [(r.family, r.scenario, r.method, r.seed) for r in result.records]
-    expected = [(f, s, m, 0) for f in ("mlp", "lm") for s in SCENARIOS for m in METHODS]
+    expected = [
+        (f, s, m, 0)
+        for f in ("mlp", "lm", "cnn")
+        for s in SCENARIOS
+        if f in SCENARIOS_[s].families
+        for m in METHODS
+    ]
     assert sorted(keys) == sorted(expected)
     assert len(summarize(result.records)) == len(expected)
 
@@ -135,3 +145,18 @@ def test_new_scenarios_and_peers_run(peer_result: StabilityResult) -> None:
             assert f"| {peer} |" in markdown.split("## Ablation")[0]  # the comparison table
         else:
             assert f"**{peer} not run**" in markdown
+
+
+def test_a_nan_batch_poisons_batchnorm_unless_its_buffers_are_put_back() -> None:
+    """The hand-written NaN skip keeps the weights but not the running statistics: its model
+    in eval mode returns NaN. SafeOptimizer's is finite."""
+    from benchmarks.stability import METHODS as ALL_METHODS
+    from benchmarks.stability import run_one
+    from benchmarks.stability_scenarios import FAMILIES
+
+    family, scenario = FAMILIES["cnn"], SCENARIOS_["nan_batch"]
+    assert scenario.schedule(30, 0).steps_of("nan_batch")
+    hand = run_one(family, scenario, ALL_METHODS["adamw+clip+skip"], 0, steps=30)
+    safe = run_one(family, scenario, ALL_METHODS["safe"], 0, steps=30)
+    assert hand.skipped == 1 and not math.isfinite(hand.held_out)
+    assert safe.skipped == 1 and math.isfinite(safe.held_out)

@@ -6,8 +6,12 @@ copies the values back into the same tensor objects (parameters, and optimizer
 state tensors where their shape still matches), so nothing that holds a
 reference to them goes stale.
 
+The model's buffers (BatchNorm running statistics and the like, see
+:mod:`stableopt.buffers`) are copied and restored with the weights when the pipeline
+hands them over.
+
 Memory: one copy of every parameter plus every tensor of the inner optimizer's
-state, on ``device`` (``"cpu"``, the default, costs no accelerator memory;
+state (and of the model's buffers), on ``device`` (``"cpu"``, the default, costs no accelerator memory;
 ``"same"`` keeps it beside the parameters for faster snapshots). For AdamW
 that is 3x the parameter bytes (weights, ``exp_avg``, ``exp_avg_sq``).
 
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -84,6 +88,7 @@ class Rollback:
         self._bound_count: int | None = None  # parameters of the optimizer, once seen
         self._params: list[Tensor] = []
         self._state: list[dict[str, Any] | None] = []
+        self._buffers: list[Tensor] = []
         # the judging stages' state (clip and spike histories) at the snapshot, set by the
         # response after :meth:`take` and saved with the snapshot
         self.stage_states: dict[str, Any] = {}
@@ -103,15 +108,21 @@ class Rollback:
         self.stage_states = {}
 
     @torch.no_grad()
-    def take(self, optimizer: Optimizer, step: int, verified: bool = False) -> tuple[int, ...]:
-        """Copy every parameter and its optimizer state into the snapshot buffers, once they
-        are verified finite; return the indices of the parameters that are not (then nothing
-        is taken and the old snapshot stays).
+    def take(
+        self,
+        optimizer: Optimizer,
+        step: int,
+        verified: bool = False,
+        buffers: Sequence[Tensor] = (),
+    ) -> tuple[int, ...]:
+        """Copy every parameter and its optimizer state (and ``buffers``, the model's)
+        into the snapshot buffers, once they are verified finite; return the indices of the
+        parameters that are not (then nothing is taken and the old snapshot stays).
 
-        The verification is one multi-tensor max-abs pass over what is copied (exact for
-        every dtype), so a snapshot never holds a non-finite value and a rollback never
-        restores one; ``verified=True`` skips it when the caller has just checked every
-        parameter and its state.
+        The verification is one multi-tensor max-abs pass over the parameters and their
+        state (exact for every dtype), so a snapshot never holds a non-finite weight and a
+        rollback never restores one; ``verified=True`` skips it when the caller has just
+        checked every parameter and its state. ``buffers`` are the caller's to verify.
         """
         params = _all_params(optimizer)
         self._bound_count = len(params)
@@ -127,21 +138,36 @@ class Rollback:
         self._state = [
             self._copy_state(self._state[i], optimizer.state.get(p)) for i, p in enumerate(params)
         ]
+        if len(self._buffers) != len(buffers):
+            self._buffers = []
+        self._buffers = [
+            self._copy_into(self._buffers[i] if self._buffers else None, b)
+            for i, b in enumerate(buffers)
+        ]
         self.snapshot_step = step
         return ()
 
     @torch.no_grad()
     def restore(
-        self, optimizer: Optimizer, only: Collection[int] | None = None, entries: bool = False
+        self,
+        optimizer: Optimizer,
+        only: Collection[int] | None = None,
+        entries: bool = False,
+        buffers: Sequence[Tensor] = (),
     ) -> None:
-        """Copy the snapshot back into the parameters and the optimizer state: all of them,
-        or the parameters ``only`` names (indices in ``param_groups`` order) and their state;
-        with ``entries=True`` only their non-finite entries (every finite value stays)."""
+        """Copy the snapshot back into the parameters and the optimizer state: all of them
+        (and into ``buffers``, the model's, when the snapshot holds as many), or the
+        parameters ``only`` names (indices in ``param_groups`` order) and their state; with
+        ``entries=True`` only their non-finite entries (every finite value stays)."""
         if self.snapshot_step is None:
             raise RuntimeError("no snapshot to restore")
         params = _all_params(optimizer)
         if len(params) != len(self._params):
             raise RuntimeError("the parameter set changed since the snapshot was taken")
+        if only is None and len(buffers) == len(self._buffers):
+            for live, saved in zip(buffers, self._buffers):
+                if live.shape == saved.shape and live.dtype == saved.dtype:
+                    live.detach().copy_(saved, non_blocking=True)
         chosen = range(len(params)) if only is None else sorted(set(only))
         if entries and only is not None:
             for i in chosen:
@@ -234,6 +260,7 @@ class Rollback:
                 for s in self._state
             ]
             state["stage_states"] = copy.deepcopy(self.stage_states)
+            state["buffers"] = [t.to("cpu", copy=True) for t in self._buffers]
         return state
 
     def observe(self, numbers: StepNumbers) -> None:
@@ -250,7 +277,7 @@ class Rollback:
                     f"the rollback snapshot holds {len(state_dict['params'])} parameters, "
                     f"the optimizer has {self._bound_count}"
                 )
-        for tensor in state_dict.get("params", []):
+        for tensor in [*state_dict.get("params", []), *state_dict.get("buffers", [])]:
             if (
                 isinstance(tensor, Tensor)
                 and tensor.numel()
@@ -281,6 +308,7 @@ class Rollback:
             }
             for s in state_dict["state"]
         ]
+        self._buffers = [self._copy_into(None, t) for t in state_dict.get("buffers", [])]
         self.stage_states = copy.deepcopy(dict(state_dict.get("stage_states", {})))
         self.snapshot_step = state_dict["snapshot_step"]
 

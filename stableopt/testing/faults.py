@@ -59,12 +59,14 @@ __all__ = [
     "run_training",
 ]
 
-FaultKind = Literal["nan_grad", "inf_loss", "grad_spike", "nan_weights", "poison_batch"]
+FaultKind = Literal[
+    "nan_grad", "inf_loss", "grad_spike", "nan_weights", "poison_batch", "nan_batch"
+]
 
 #: Every fault kind, in the canonical order :meth:`FaultSchedule.random` draws them.
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
 
-_DATA_FAULTS = frozenset({"inf_loss", "poison_batch"})
+_DATA_FAULTS = frozenset({"inf_loss", "poison_batch", "nan_batch"})
 _GRAD_FAULTS = frozenset({"nan_grad", "grad_spike"})
 _SEED_STRIDE = 1_000_003  # a prime: (seed, step) pairs map to distinct generator seeds
 
@@ -243,13 +245,18 @@ class FaultInjector:
 
     @torch.no_grad()
     def corrupt_batch(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """Before the forward: apply ``inf_loss`` / ``poison_batch`` (on copies)."""
+        """Before the forward: apply ``inf_loss`` / ``poison_batch`` / ``nan_batch`` (a NaN in
+        the first input value: the forward pass carries it into every activation, and into
+        the running statistics of a BatchNorm layer) on copies."""
         kind = self.fault
         if kind not in _DATA_FAULTS:
             return inputs, targets
         if kind == "inf_loss":
             targets = targets.clone()
             targets.view(-1)[0] = math.inf
+        elif kind == "nan_batch":
+            inputs = inputs.clone()
+            inputs.view(-1)[0] = math.nan
         else:
             targets = targets * self.schedule.poison_scale
         self._record(kind)
