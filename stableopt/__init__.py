@@ -6,7 +6,9 @@ from stableopt.ledger import Ledger
 from stableopt.loss import ConsistencyLoss, SafeLoss
 from stableopt.monitor import Event, Monitor, Sink
 from stableopt.optimizer import SafeOptimizer
+from stableopt.outcomes import Cause, EventKind
 from stableopt.recommend import Recommendation
+from stableopt.roles import LRPolicy, SkipRule
 from stableopt.stages import (
     AGCClip,
     ClipPolicy,
@@ -26,16 +28,19 @@ from stableopt.verdict import SkipReason, StepOutcome, StepVerdict
 
 __all__ = [
     "AGCClip",
+    "Cause",
     "ClipPolicy",
     "ConsistencyLoss",
     "DivergenceError",
     "EmergencyClip",
     "EmergencyLR",
     "Escalation",
+    "EventKind",
     "Ledger",
     "Event",
     "FixedClip",
     "HotLR",
+    "LRPolicy",
     "Monitor",
     "PercentileClip",
     "PlateauLR",
@@ -44,6 +49,7 @@ __all__ = [
     "SafeLoss",
     "SafeOptimizer",
     "SkipReason",
+    "SkipRule",
     "Sink",
     "SpikeGuard",
     "Stage",

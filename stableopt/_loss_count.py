@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 
 from stableopt._align import Mismatch
+from stableopt.messages import event_text
 from stableopt.monitor import Event
 from stableopt.optimizer import SafeOptimizer
+from stableopt.outcomes import EventKind
 
 __all__ = ["DeviceCount", "LossCounts"]
 
@@ -85,9 +87,8 @@ class LossCounts:
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
         _compile_outside_graph()
         if optimizer is not None:
-            for name in ("nonfinite_losses", "size_mismatches"):
-                optimizer.monitor.count(name, 0)
-            self._skips_seen = optimizer.monitor.counters["skipped_steps"]
+            optimizer.accounting.loss_counters()
+            self._skips_seen = optimizer.accounting.counter("skipped_steps")
             optimizer.register_step_post_hook(_after_step_hook(self))
             optimizer.register_load_state_dict_post_hook(_after_load_hook(self))
 
@@ -106,35 +107,40 @@ class LossCounts:
         """Count a trimmed mismatch; an event at the 1st, 2nd, 4th, 8th, ... (outside any
         compiled graph: see :func:`_compile_outside_graph`)."""
         self._size_mismatches += 1
-        if self.optimizer is not None:
-            self.optimizer.monitor.count("size_mismatches")
         count = self._size_mismatches
-        if count & (count - 1) == 0:  # 1, 2, 4, 8, ...: a bounded log
-            length = min(mismatch.pred_length, mismatch.target_length)
-            self._event(
-                "size_mismatch",
-                f"prediction {mismatch.pred_shape} and target {mismatch.target_shape} differ "
-                f"in dim {mismatch.dim}: both trimmed to {length} "
-                f"({count} mismatches so far; reported at the 1st, 2nd, 4th, 8th, ...)",
-                pred_length=float(mismatch.pred_length),
-                target_length=float(mismatch.target_length),
-                size_mismatches=float(count),
-            )
+        told = count & (count - 1) == 0  # 1, 2, 4, 8, ...: a bounded log
+        data = {
+            "dim": float(mismatch.dim),
+            "length": float(min(mismatch.pred_length, mismatch.target_length)),
+            "pred_length": float(mismatch.pred_length),
+            "target_length": float(mismatch.target_length),
+            "size_mismatches": float(count),
+        }
+        labels = {
+            "pred_shape": str(mismatch.pred_shape),
+            "target_shape": str(mismatch.target_shape),
+        }
+        if self.optimizer is not None:
+            event = self.optimizer.accounting.size_mismatch(told=told, data=data, labels=labels)
+            if event is not None:
+                self._events.append(event)
+        elif told:
+            self._standalone(EventKind.SIZE_MISMATCH, data, labels)
 
     def after_load(self) -> None:
         """After ``opt.load_state_dict``: the counts go on from the checkpoint's (the
         optimizer's counters, which hold what every linked loss counted)."""
         assert self.optimizer is not None
-        counters = self.optimizer.monitor.counters
-        self._nonfinite_base = int(counters.get("nonfinite_losses", 0)) - self.nonfinite.read()
-        self._nonfinite_folded = int(counters.get("nonfinite_losses", 0))
-        self._size_mismatches = int(counters.get("size_mismatches", 0))
-        self._skips_seen = int(counters.get("skipped_steps", 0))
+        counter = self.optimizer.accounting.counter
+        self._nonfinite_base = counter("nonfinite_losses") - self.nonfinite.read()
+        self._nonfinite_folded = counter("nonfinite_losses")
+        self._size_mismatches = counter("size_mismatches")
+        self._skips_seen = counter("skipped_steps")
 
     def after_step(self) -> None:
         """After ``opt.step()``: bring the non-finite count to the optimizer's monitor."""
         assert self.optimizer is not None
-        skipped = self.optimizer.monitor.counters["skipped_steps"]
+        skipped = self.optimizer.accounting.counter("skipped_steps")
         was_skipped, self._skips_seen = skipped != self._skips_seen, skipped
         # The skip already cost a sync: read exactly then, never wait otherwise.
         seen = self.nonfinite.read() if was_skipped else self.nonfinite.poll()
@@ -145,22 +151,19 @@ class LossCounts:
         if count <= previous:
             return
         self._nonfinite_folded = count
+        told = count.bit_length() > previous.bit_length()  # crossed 1, 2, 4, 8, ...
         if self.optimizer is not None:
-            self.optimizer.monitor.count("nonfinite_losses", count - previous)
-        if count.bit_length() > previous.bit_length():  # crossed 1, 2, 4, 8, ...
-            self._event(
-                "nonfinite_loss",
-                f"the loss is NaN/Inf ({count} non-finite losses so far, "
-                f"{count - previous} since the last check; reported at the 1st, 2nd, 4th, ...)",
-                nonfinite_losses=float(count),
-            )
+            event = self.optimizer.accounting.nonfinite_losses(count - previous, count, told=told)
+            if event is not None:
+                self._events.append(event)
+        elif told:
+            data = {"nonfinite_losses": float(count), "since": float(count - previous)}
+            self._standalone(EventKind.NONFINITE_LOSS, data, {})
 
-    def _event(self, kind: str, reason: str, **data: float) -> None:
-        if self.optimizer is not None:
-            event = self.optimizer.monitor.event(kind, reason, **data)  # logs, rate-limited
-        else:
-            event = Event(0, kind, reason, dict(data))
-            self._log.warning("%s: %s", kind, reason)
+    def _standalone(self, kind: EventKind, data: dict[str, float], labels: dict[str, str]) -> None:
+        """An event of a SafeLoss with no optimizer: kept here and logged."""
+        event = Event(0, kind.value, event_text(kind, None, data, labels), data, None, labels)
+        self._log.warning("%s: %s", event.kind, event.reason)
         self._events.append(event)
 
 

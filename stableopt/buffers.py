@@ -226,9 +226,13 @@ class ModelBuffers:
 
     # -- keeping and putting back --------------------------------------------------------
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def keep(self, root: int | None = None) -> None:
         """Keep the current values (of every buffer, or of root ``root``'s) that may have
-        changed since they were last kept: one multi-tensor copy."""
+        changed since they were last kept: one multi-tensor copy (the copies are ordinary
+        tensors even when the forward pass that keeps them runs under
+        ``torch.inference_mode()``, as an evaluation does)."""
         if root is not None:
             self._armed.discard(root)
         self._measured = None
@@ -342,6 +346,8 @@ class ModelBuffers:
         exact = finite_flags([t for t in lives if t is not None])
         return tuple(i for i, ok in zip(suspects, exact.tolist()) if not ok)
 
+    @torch.inference_mode(False)
+    @torch.no_grad()
     def put_back(self, indices: Iterable[int] | None = None) -> tuple[int, ...]:
         """Put the kept values back (into every buffer that may have moved, or into
         ``indices``); return the indices of those that held a NaN or Inf (as measured)."""
@@ -372,6 +378,19 @@ class ModelBuffers:
                 _mark(watched, live)
         self._measured = None
         return bad if wanted is None else tuple(i for i in bad if i in wanted)
+
+    def after_step(
+        self, kept_update: bool, bad_on_accept: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], bool]:
+        """After a step: put back every buffer that may have moved when the step's update did
+        not stand (``kept_update`` false), else the buffers its forward left non-finite
+        (``bad_on_accept``); the buffers that held a NaN/Inf, and whether the step was
+        skipped."""
+        if kept_update:
+            if bad_on_accept:
+                self.put_back(bad_on_accept)
+            return bad_on_accept, False
+        return self.put_back(), True
 
     # -- for snapshots and messages ------------------------------------------------------
 

@@ -160,15 +160,16 @@ def check_inner_state(state_dict: Mapping[str, Any], optimizer: Optimizer) -> No
 def check_stages(ours: Mapping[str, Any], stages: Mapping[str, Any], monitor: Monitor) -> None:
     """Raise what loading ``ours`` would raise, on copies: nothing of the live stages changes.
 
-    The rollback's snapshot buffers are not copied (they can be as large as the model):
-    their count is checked instead.
+    A stage with a ``check_state_dict`` method (the rollback, whose snapshot can be as large
+    as the model) checks instead of being copied.
     """
     for name, stage in stages.items():
         if stage is None or name not in ours["stages"]:
             continue  # off, or newer than the state dict (it starts fresh)
         saved = ours["stages"][name]
-        if name == "rollback":
-            stage.check_state_dict(saved)
+        check = getattr(stage, "check_state_dict", None)  # optional: the rollback's buffers
+        if check is not None:
+            check(saved)
         else:
             copy.deepcopy(stage).load_state_dict(saved)
     copy.deepcopy(monitor).load_state_dict(ours["monitor"])

@@ -22,8 +22,10 @@ from torch.optim import Optimizer
 
 from stableopt._checks import check_float, check_int
 from stableopt.loss import SafeLoss
+from stableopt.messages import event_text
 from stableopt.monitor import Event, Monitor
 from stableopt.optimizer import SafeOptimizer
+from stableopt.outcomes import EventKind
 from stableopt.testing.faults import FaultKind, FaultSchedule, RegressionTask, run_training
 
 __all__ = [
@@ -226,16 +228,12 @@ def _record_clip(optimizer: SafeOptimizer, *_: Any, clips: list[Event]) -> None:
     if verdict.is_emergency:
         return  # an emergency_clip event says it already
     threshold = verdict.clip_threshold
+    data = {"grad_norm": verdict.grad_norm}
     if threshold is not None and math.isfinite(threshold) and verdict.clip_coefficient < 1.0:
-        reason = (
-            f"gradient norm {verdict.grad_norm:.4g} above the clip threshold {threshold:.4g}: "
-            f"scaled by {verdict.clip_coefficient:.3g}"
-        )
-        data = {"grad_norm": verdict.grad_norm, "clip_threshold": threshold}
-    else:  # a unit-wise policy (AGC) rescales the units over their limit in place
-        reason = f"gradient norm {verdict.grad_norm:.4g}: units over their limit rescaled"
-        data = {"grad_norm": verdict.grad_norm}
-    clips.append(Event(verdict.step, "clip", reason, data))
+        data |= {"clip_threshold": threshold, "clip_coefficient": verdict.clip_coefficient}
+    # else: a unit-wise policy (AGC) rescales the units over their limit in place
+    reason = event_text(EventKind.CLIP, None, data, {})
+    clips.append(Event(verdict.step, EventKind.CLIP.value, reason, data))
 
 
 def _outputs(

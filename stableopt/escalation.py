@@ -42,6 +42,8 @@ from enum import Enum
 from typing import Any
 
 from stableopt._checks import check_float, check_int
+from stableopt.messages import transition_text
+from stableopt.outcomes import Cause
 from stableopt.stages.base import StepNumbers
 from stableopt.verdict import StepVerdict
 
@@ -76,14 +78,33 @@ class Action(str, Enum):
 
 @dataclass(frozen=True)
 class Transition:
-    """One step of the machine: the action, the states before and after, and why."""
+    """One step of the machine: the action, the states before and after, and why, as data.
+
+    Attributes:
+        action: what the response does.
+        before: the state before the step.
+        after: the state after it.
+        cause: why a rollback, a new level or a stop (``Cause.FAILED_STEPS``,
+            ``Cause.SPIKES_AT_ONE_LEVEL``, ``Cause.BUDGET_SPENT``,
+            ``Cause.RESTORES_FAILED``); ``None`` for an accept or a skip.
+        data: the numbers behind it: ``failures`` (the streak), ``weights_failed`` (1: the
+            weights were not finite), ``spikes``, ``restores``, and the limits
+            ``max_failures`` and ``max_restores``.
+        new_level: the rejected steps whose level the histories take (``Action.RELEARN``
+            only).
+    """
 
     action: Action
     before: State
     after: State
-    reason: str = ""
-    #: the rejected steps whose level the histories take (``Action.RELEARN`` only)
+    cause: Cause | None = None
+    data: Mapping[str, float] = field(default_factory=dict)
     new_level: tuple[StepNumbers, ...] = field(default=())
+
+    @property
+    def reason(self) -> str:
+        """Why, in words (:func:`stableopt.messages.transition_text`); ``""`` without a cause."""
+        return transition_text(self.cause, self.data)
 
 
 class Escalation:
@@ -142,8 +163,8 @@ class Escalation:
         if verdict.weights_ok is False:
             self.consecutive_failures += 1
             if self.consecutive_failures >= self.max_consecutive_failures:
-                return self._stop(before, self._budget_spent())
-            return self._rollback(before, "the weights are not finite")
+                return self._stop(before, Cause.BUDGET_SPENT, self._budget())
+            return self._rollback(before, {"weights_failed": 1.0, **self._budget()})
         if verdict.is_accepted:
             self.consecutive_failures = 0
             self.spikes.clear()
@@ -157,7 +178,7 @@ class Escalation:
             return self._move(Transition(Action.ACCEPT, before, after))
         self.consecutive_failures += 1
         if self.consecutive_failures >= self.max_consecutive_failures:
-            return self._stop(before, self._budget_spent())
+            return self._stop(before, Cause.BUDGET_SPENT, self._budget())
         if verdict.is_spike:
             self.spikes.append(verdict.numbers)
         else:
@@ -165,45 +186,47 @@ class Escalation:
         if len(self.spikes) >= self.relearn_after and self._is_one_level(self.spikes):
             level = tuple(self.spikes)
             self.spikes.clear()
-            reason = (
-                f"{len(level)} spikes in a row at one level: taken as the run's new level "
-                "(histories restart from it)"
-            )
             after = State.RECOVERING if before is State.RECOVERING else State.SKIPPING
-            return self._move(Transition(Action.RELEARN, before, after, reason, level))
-        if self.consecutive_failures % self.rollback_after == 0:
-            return self._rollback(
-                before,
-                f"{self.consecutive_failures} steps in a row failed: the state, not the "
-                "inputs, is failing",
+            return self._move(
+                Transition(
+                    Action.RELEARN,
+                    before,
+                    after,
+                    Cause.SPIKES_AT_ONE_LEVEL,
+                    {"spikes": float(len(level))},
+                    level,
+                )
             )
+        if self.consecutive_failures % self.rollback_after == 0:
+            return self._rollback(before, self._budget())
         after = State.RECOVERING if before is State.RECOVERING else State.SKIPPING
         return self._move(Transition(Action.SKIP, before, after))
 
-    def _rollback(self, before: State, reason: str) -> Transition:
+    def _rollback(self, before: State, data: Mapping[str, float]) -> Transition:
         if before is State.RECOVERING:
             self.failed_restores += 1
             if self.failed_restores >= self.max_restore_failures:
-                return self._stop(
-                    before,
-                    f"{reason}, and the restored state failed again right away "
-                    f"{self.failed_restores} times in a row "
-                    f"(max_restore_failures={self.max_restore_failures})",
-                )
+                restores = {
+                    "restores": float(self.failed_restores),
+                    "max_restores": float(self.max_restore_failures),
+                }
+                return self._stop(before, Cause.RESTORES_FAILED, {**data, **restores})
         else:
             self.failed_restores = 0
         self.accepted_since_restore = 0
         self.spikes.clear()
-        return self._move(Transition(Action.ROLLBACK, before, State.RECOVERING, reason))
-
-    def _budget_spent(self) -> str:
-        return (
-            f"{self.consecutive_failures} consecutive steps were skipped or rolled back "
-            f"(max_consecutive_failures={self.max_consecutive_failures})"
+        return self._move(
+            Transition(Action.ROLLBACK, before, State.RECOVERING, Cause.FAILED_STEPS, data)
         )
 
-    def _stop(self, before: State, reason: str) -> Transition:
-        return self._move(Transition(Action.STOP, before, before, reason))
+    def _budget(self) -> dict[str, float]:
+        return {
+            "failures": float(self.consecutive_failures),
+            "max_failures": float(self.max_consecutive_failures),
+        }
+
+    def _stop(self, before: State, cause: Cause, data: Mapping[str, float]) -> Transition:
+        return self._move(Transition(Action.STOP, before, before, cause, data))
 
     def _move(self, transition: Transition) -> Transition:
         if transition.after is not transition.before:

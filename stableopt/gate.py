@@ -34,11 +34,11 @@ from torch import Tensor
 
 from stableopt._num import Num, is_within
 from stableopt.grad_norms import GradStats, read_host
+from stableopt.outcomes import SkipReason
+from stableopt.roles import EmergencyClipRole, SkipRule, SpikeRole
 from stableopt.stages.base import ClipPolicy
 from stableopt.stages.clip import NORM_EPS, clip_coefficient
-from stableopt.stages.emergency_clip import EmergencyClip
-from stableopt.stages.spike import SpikeGuard
-from stableopt.verdict import SkipReason, StepVerdict
+from stableopt.verdict import StepVerdict
 
 __all__ = ["Bound", "Gate", "PendingVerdict"]
 
@@ -55,7 +55,11 @@ class Bound(NamedTuple):
     value: float
 
 
-#: The bounds that skip a step, and the reason each gives, in the order reasons are told.
+#: The prefix of a skip rule's bound name (``"rule:<name>"``).
+_RULE = "rule:"
+
+#: The bounds that skip a step, and the reason each gives, in the order reasons are told
+#: (a skip rule's bounds last: :data:`_RULE`).
 _SKIPS = {
     "above_skip_limit": SkipReason.ABOVE_SKIP_LIMIT,
     "loss_spike": SkipReason.LOSS_SPIKE,
@@ -78,19 +82,21 @@ class PendingVerdict(NamedTuple):
 class Gate:
     """Turn a step's gradient norm and loss into a :class:`~stableopt.verdict.StepVerdict`.
 
-    Holds no state of its own: it reads the clip policy, the emergency clip and the
-    spike guard it is given (any of them ``None``).
+    Holds no state of its own: it reads the clip policy, the emergency clip, the spike
+    guard (any of them ``None``) and the skip rules it is given.
     """
 
     def __init__(
         self,
         clip: ClipPolicy | None,
-        emergency_clip: EmergencyClip | None,
-        spike: SpikeGuard | None,
+        emergency_clip: EmergencyClipRole | None,
+        spike: SpikeRole | None,
+        rules: Sequence[SkipRule] = (),
     ) -> None:
         self.clip = clip
         self.emergency_clip = emergency_clip if clip is not None else None
         self.spike = spike
+        self.rules = list(rules)
 
     # -- the formulas, for floats and 0-dim tensors alike --------------------------------
 
@@ -112,6 +118,13 @@ class Gate:
                     bounds.append(Bound(f"{signal}_spike", signal, _rounded(bound, dtype)))
             if norm_stats:  # the growth is measured against its own bound: 1
                 bounds.append(Bound("norm_stats_spike", "norm_stats", 1.0))
+        for rule in self.rules:
+            for signal in ("grad_norm", "loss"):
+                dtype = dtypes[signal]
+                bound = rule.bound(signal)
+                if bound is not None and dtype is not None:
+                    name = f"{_RULE}{rule.name}"
+                    bounds.append(Bound(name, signal, _rounded(float(bound), dtype)))
         if self.emergency_clip is not None:
             skip_above = self.emergency_clip.skip_above
             if skip_above is not None:
@@ -302,10 +315,12 @@ def _verdict(
         value = values[bound.signal]
         if value is not None and math.isfinite(value) and value > bound.value:
             crossed.add(bound.name)
-    reason = None
+    reason, rule = None, None
     if not is_accepted:
         reason = _skip_reason(grad_norm, loss, crossed, amp_overflow)
         clip_coefficient = 1.0
+        if reason is SkipReason.RULE:
+            rule = min(name for name in crossed if name.startswith(_RULE))[len(_RULE) :]
     return StepVerdict(
         step=step,
         grad_norm=grad_norm,
@@ -317,6 +332,7 @@ def _verdict(
         is_clipped=is_accepted and (clip_coefficient < 1.0 or clipped_in_place),
         is_emergency=is_accepted and "emergency_clip" in crossed,
         weights_ok=weights_ok,
+        rule=rule,
     )
 
 
@@ -332,6 +348,8 @@ def _skip_reason(
     for name, reason in _SKIPS.items():
         if name in crossed:
             return reason
+    if any(name.startswith(_RULE) for name in crossed):
+        return SkipReason.RULE
     # A finite norm at the dtype's largest value (no bound crossed, not <= the limit)
     # cannot happen; were it to, the gradients are what is wrong.
     return SkipReason.NONFINITE_GRADS
@@ -341,7 +359,7 @@ def _limit(bounds: Sequence[Bound], signal: str, dtype: torch.dtype) -> float:
     """The largest ``signal`` value that does not skip the step (in ``dtype``)."""
     limit = _largest(dtype)
     for bound in bounds:
-        if bound.signal == signal and bound.name in _SKIPS:
+        if bound.signal == signal and (bound.name in _SKIPS or bound.name.startswith(_RULE)):
             limit = min(limit, bound.value)
     return limit
 

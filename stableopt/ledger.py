@@ -14,14 +14,16 @@ The JSON format (``"format": "stableopt.ledger/1"``)::
     {
       "format": "stableopt.ledger/1",
       "entries": [
-        {"step": 4, "status": "skipped", "reason": "the loss is NaN/Inf ...",
-         "grad_norm": null, "loss": null, "ids": [17, 230, 5, 81]}
+        {"step": 4, "status": "skipped", "cause": "nonfinite_grads",
+         "reason": "the loss is NaN/Inf ...", "grad_norm": null, "loss": null,
+         "ids": [17, 230, 5, 81]}
       ],
       "bad_ids": [5, 17, 81, 230]
     }
 
-``status`` is ``"skipped"``, ``"rolled_back"`` or ``"stopped"``; numbers that are not finite
-are ``null``; ``ids`` is ``null`` for an untagged step; ``bad_ids`` is every id of every
+``status`` is ``"skipped"``, ``"rolled_back"`` or ``"stopped"``; ``cause`` is the value of the
+step's :class:`~stableopt.outcomes.SkipReason` or :class:`~stableopt.outcomes.Cause` (absent
+from ledgers written before it was kept); numbers that are not finite are ``null``; ``ids`` is ``null`` for an untagged step; ``bad_ids`` is every id of every
 entry, sorted (ints before strings).
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 import torch
 
 from stableopt._checks import check_int
+from stableopt.outcomes import AnyCause, parse_cause
 from stableopt.stages.base import StepNumbers
 
 __all__ = ["FORMAT", "Ledger", "LedgerEntry"]
@@ -54,10 +57,12 @@ class LedgerEntry:
     Attributes:
         step: the number of the step (``1`` for the first ``step()`` call).
         status: ``"skipped"``, ``"rolled_back"`` or ``"stopped"``.
-        reason: why, in words (the event's reason).
+        reason: why, in words (the event's reason), for people.
         grad_norm: the total gradient norm before clipping (``None`` if not finite).
         loss: the step's loss (``None`` if not finite or not given).
         ids: the batch's tag (:meth:`Ledger.tag`), or ``None``.
+        cause: why, as data: the step's :class:`~stableopt.outcomes.SkipReason` or
+            :class:`~stableopt.outcomes.Cause` (``None``: not known).
     """
 
     step: int
@@ -66,6 +71,7 @@ class LedgerEntry:
     grad_norm: float | None
     loss: float | None
     ids: tuple[Id, ...] | None
+    cause: AnyCause | None = None
 
 
 class Ledger:
@@ -114,9 +120,10 @@ class Ledger:
         grad_norm: float | None,
         loss: float | None,
         tag: tuple[Id, ...] | None,
+        cause: AnyCause | None = None,
     ) -> LedgerEntry:
         """Add a failing step."""
-        entry = LedgerEntry(step, status, reason, _finite(grad_norm), _finite(loss), tag)
+        entry = LedgerEntry(step, status, reason, _finite(grad_norm), _finite(loss), tag, cause)
         self.entries.append(entry)
         if tag is not None:
             self._bad_tags[tag] = None
@@ -129,6 +136,10 @@ class Ledger:
                 del self._bad_tags[next(iter(self._bad_tags))]
         return entry
 
+    def first_failure(self, tag: tuple[Id, ...] | None) -> int | None:
+        """The step at which the batch ``tag`` first failed (of the entries kept), or ``None``."""
+        return next((e.step for e in self.entries if tag is not None and e.ids == tag), None)
+
     def bad_ids(self) -> list[Id]:
         """Every id of every failing step, sorted (ints before strings)."""
         return sorted(self._bad, key=lambda i: (isinstance(i, str), i))  # type: ignore[no-any-return]
@@ -140,7 +151,12 @@ class Ledger:
         return {
             "format": FORMAT,
             "entries": [
-                {**asdict(e), "ids": None if e.ids is None else list(e.ids)} for e in self.entries
+                {
+                    **asdict(e),
+                    "ids": None if e.ids is None else list(e.ids),
+                    "cause": None if e.cause is None else e.cause.value,
+                }
+                for e in self.entries
             ],
             "bad_ids": self.bad_ids(),
         }
@@ -176,6 +192,7 @@ class Ledger:
                     e["grad_norm"],
                     e["loss"],
                     None if e["ids"] is None else tuple(e["ids"]),
+                    parse_cause(e.get("cause")),
                 )
                 for e in state_dict["entries"]
             ),

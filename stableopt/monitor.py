@@ -17,9 +17,12 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from stableopt._checks import check_int
+from stableopt.messages import event_text
+from stableopt.outcomes import AnyCause, parse_cause
 
 __all__ = ["SEVERITY", "Event", "Monitor", "Sink"]
 
@@ -61,15 +64,22 @@ class Event:
             ``step()`` of loop iteration ``i`` (from 0) is step ``i + 1``. torch's own
             ``optimizer.state[p]["step"]`` counts the updates that ran instead: the two
             agree until the first skipped step.
-        kind: ``"skip"``, ``"rollback"``, ``"divergence"``, ... .
-        reason: a sentence saying why, with the numbers.
+        kind: what happened: an :class:`~stableopt.outcomes.EventKind` (``"skip"``,
+            ``"rollback"``, ``"divergence"``, ...; a ``str`` enum, equal to its string).
+        reason: the sentence a person reads, rendered from the rest
+            (:mod:`stableopt.messages`): for logs and sinks, never for deciding.
         data: the numbers behind the decision, by name.
+        cause: why: a :class:`~stableopt.outcomes.Cause`, or the
+            :class:`~stableopt.verdict.SkipReason` of a skip (``None``: none given).
+        labels: names behind it (a module's path, a batch's ids, a rule's name), by name.
     """
 
     step: int
     kind: str
     reason: str
     data: dict[str, float] = field(default_factory=dict)
+    cause: AnyCause | None = None
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Monitor:
@@ -153,15 +163,32 @@ class Monitor:
         """Record one finished step whose outcome is a key of :data:`SEVERITY`."""
         self._severities.append(SEVERITY[outcome])
 
-    def event(self, kind: str, reason: str, **data: float) -> Event:
-        """Record an event and log it (rate-limited per kind)."""
-        event = Event(self.counters["steps"], kind, reason, dict(data))
+    def event(
+        self,
+        kind: str,
+        cause: AnyCause | None = None,
+        data: Mapping[str, float] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Event:
+        """Record an event at the current step, its reason rendered from ``kind``, ``cause``,
+        ``data`` and ``labels`` (:func:`stableopt.messages.event_text`), and log it
+        (rate-limited per kind)."""
+        numbers, names = dict(data or {}), dict(labels or {})
+        kind = kind.value if isinstance(kind, Enum) else str(kind)  # a plain string to keep
+        event = Event(
+            self.counters["steps"],
+            kind,
+            event_text(kind, cause, numbers, names),
+            numbers,
+            cause,
+            names,
+        )
         self._events.append(event)
         seen = self._kind_counts.get(kind, 0) + 1
         self._kind_counts[kind] = seen
         if seen <= _LOG_FIRST or seen % _LOG_EVERY == 0:
             suffix = f" ({seen} {kind} events so far)" if seen > _LOG_FIRST else ""
-            log.warning("step %d: %s: %s%s", event.step, kind, reason, suffix)
+            log.warning("step %d: %s: %s%s", event.step, kind, event.reason, suffix)
         if seen == _LOG_FIRST:  # say once per kind that the log thins out from here
             sinks = ", and every one reaches the sinks" if self.sinks else ""
             log.warning(
@@ -226,7 +253,10 @@ class Monitor:
         return {
             "counters": dict(self.counters),
             "severities": list(self._severities),
-            "events": [asdict(e) for e in self._events],
+            "events": [
+                {**asdict(e), "cause": None if e.cause is None else e.cause.value}
+                for e in self._events
+            ],
             "kind_counts": dict(self._kind_counts),
         }
 
@@ -234,5 +264,18 @@ class Monitor:
         """Restore what :meth:`state_dict` returned."""
         self.counters = dict.fromkeys(self.COUNTERS, 0) | dict(state_dict["counters"])
         self._severities = deque(state_dict["severities"], maxlen=self.health_window)
-        self._events = deque((Event(**e) for e in state_dict["events"]), maxlen=self.max_events)
+        self._events = deque(
+            (
+                Event(
+                    int(e["step"]),
+                    str(e["kind"]),
+                    str(e["reason"]),
+                    dict(e.get("data", {})),
+                    parse_cause(e.get("cause")),
+                    dict(e.get("labels", {})),
+                )
+                for e in state_dict["events"]
+            ),
+            maxlen=self.max_events,
+        )
         self._kind_counts = dict(state_dict["kind_counts"])

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -35,22 +35,27 @@ from torch.optim import Optimizer
 
 from stableopt import _accelerate, checkpoint, recommend
 from stableopt._checks import check_int
+from stableopt.accounting import Accounting
 from stableopt.buffers import ModelBuffers
 from stableopt.escalation import Escalation
 from stableopt.gate import Gate
 from stableopt.grad_norms import GradStats, grad_stats, non_finite_params
 from stableopt.inner_update import InnerUpdate
 from stableopt.ledger import Ledger
+from stableopt.lr_control import LRControl
 from stableopt.monitor import Event, Monitor
 from stableopt.recommend import Recommendation
+from stableopt.registry import resolve_clip, resolve_list, resolve_stage
 from stableopt.rerun import Rerun
 from stableopt.response import Response
+from stableopt.restorer import Restorer
+from stableopt.roles import LRPolicy, SkipRule
+from stableopt.slots import Slots
 from stableopt.stages.base import ClipPolicy, Stage
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
 from stableopt.stages.hot_lr import HotLR
 from stableopt.stages.plateau import PlateauLR
-from stableopt.stages.registry import resolve_clip, resolve_stage
 from stableopt.stages.rollback import Rollback
 from stableopt.stages.spike import SpikeGuard
 from stableopt.verdict import StepOutcome, StepVerdict
@@ -131,11 +136,20 @@ class SafeOptimizer(Optimizer):
             ``state_dict`` and as JSON for a data loader (:class:`~stableopt.ledger.Ledger`;
             ``None``: off). A tagged batch that fails again is a data fault: skipped
             without counting as a failure of the run.
+        skip_rules: rules of your own that skip a step whose gradient norm or loss is
+            above a bound they set (:class:`~stableopt.roles.SkipRule`: ``name``,
+            ``bound(signal)``, ``observe``, ``state_dict``, ``load_state_dict``), beside the
+            spike guard; distinct names. Default none.
+        lr_policies: LR multipliers of your own
+            (:class:`~stableopt.roles.LRPolicy`: ``name``, ``factor``, ``min_lr``,
+            ``observe``, ``state_dict``, ``load_state_dict``), multiplied with the built-in
+            ones around the update; distinct names. Default none.
         monitor: where counters and events are kept (default ``Monitor()``).
 
     The string ``"default"`` for a stage means its class built with its defaults. A
     stage is checked by its members, not its class: your own object plugs in where it
-    has the members of the stage it replaces (see ``docs/architecture.md``).
+    has the members of its slot's role (:mod:`stableopt.roles`; see
+    ``docs/extending.md``).
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -162,6 +176,8 @@ class SafeOptimizer(Optimizer):
         check_weights: Literal["every_step", "params", "lazy", "off"] = "every_step",
         rerun: Rerun | Literal["default"] | None = "default",
         ledger: Ledger | Literal["default"] | None = "default",
+        skip_rules: Sequence[SkipRule] | None = None,
+        lr_policies: Sequence[LRPolicy] | None = None,
         monitor: Monitor | None = None,
     ) -> None:
         _check_optimizer(optimizer)
@@ -172,45 +188,46 @@ class SafeOptimizer(Optimizer):
         # and param_groups/state must stay the inner optimizer's objects.
         torch._C._log_api_usage_once("python.stableopt.SafeOptimizer")
         self.optimizer = optimizer
-        self.clip = resolve_clip(clip)
-        resolved_emergency_clip = resolve_stage("emergency_clip", emergency_clip, EmergencyClip)
-        self.emergency_clip = resolved_emergency_clip if self.clip is not None else None
-        self.spike = resolve_stage("spike", spike, SpikeGuard)
-        self.emergency_lr = resolve_stage("emergency_lr", emergency_lr, EmergencyLR)
-        self.hot_lr = resolve_stage("hot_lr", hot_lr, HotLR)
-        self.plateau = resolve_stage("plateau", plateau, PlateauLR)
-        self.rollback = resolve_stage("rollback", rollback, Rollback)
-        self.rerun = resolve_stage("rerun", rerun, Rerun)
-        self.ledger = resolve_stage("ledger", ledger, Ledger)
         if escalation is None:
             raise TypeError("escalation must be an Escalation or 'default' (it cannot be off)")
-        self.escalation: Escalation = resolve_stage("escalation", escalation, Escalation)
+        resolved_clip = resolve_clip(clip)
+        resolved_emergency = resolve_stage("emergency_clip", emergency_clip, EmergencyClip)
+        self.slots = Slots(
+            escalation=resolve_stage("escalation", escalation, Escalation),
+            clip=resolved_clip,
+            emergency_clip=resolved_emergency if resolved_clip is not None else None,
+            spike=resolve_stage("spike", spike, SpikeGuard),
+            emergency_lr=resolve_stage("emergency_lr", emergency_lr, EmergencyLR),
+            hot_lr=resolve_stage("hot_lr", hot_lr, HotLR),
+            plateau=resolve_stage("plateau", plateau, PlateauLR),
+            rollback=resolve_stage("rollback", rollback, Rollback),
+            rerun=resolve_stage("rerun", rerun, Rerun),
+            ledger=resolve_stage("ledger", ledger, Ledger),
+            skip_rules=resolve_list("skip_rules", skip_rules),
+            lr_policies=resolve_list("lr_policies", lr_policies),
+        )
         if max_consecutive_failures is not None:
-            self.escalation.max_consecutive_failures = check_int(
+            self.slots.escalation.max_consecutive_failures = check_int(
                 "max_consecutive_failures", max_consecutive_failures, minimum=1
             )
         self.monitor = monitor if monitor is not None else Monitor()
+        #: The one writer of counters and events (:mod:`stableopt.accounting`); SafeLoss
+        #: reports through it.
+        self.accounting = Accounting(self.monitor)
         #: The model's buffers (BatchNorm statistics, ...): put back when a step does not
-        #: update (:mod:`stableopt.buffers`); found from the first forward pass.
+        #: update (:mod:`stableopt.buffers`); found from the code that builds the optimizer
+        #: or the first forward pass.
         self.model_buffers = ModelBuffers()
         self.model_buffers.discover(p for group in optimizer.param_groups for p in group["params"])
-        self.gate = Gate(self.clip, self.emergency_clip, self.spike)
+        slots = self.slots
+        self.gate = Gate(slots.clip, slots.emergency_clip, slots.spike, slots.skip_rules)
         self.inner = InnerUpdate(optimizer)
+        self.lr_control = LRControl(
+            slots.emergency_lr, slots.hot_lr, slots.plateau, slots.lr_policies
+        )
+        self.restorer = Restorer(optimizer, slots.rollback, self.model_buffers, slots.judging())
         self.response = Response(
-            optimizer,
-            clip=self.clip,
-            emergency_clip=self.emergency_clip,
-            spike=self.spike,
-            emergency_lr=self.emergency_lr,
-            plateau=self.plateau,
-            hot_lr=self.hot_lr,
-            rerun=self.rerun,
-            ledger=self.ledger,
-            rollback=self.rollback,
-            buffers=self.model_buffers,
-            monitor=self.monitor,
-            escalation=self.escalation,
-            stats=self.stats,
+            slots, self.accounting, self.restorer, self.lr_control, self.model_buffers, self.stats
         )
         #: What the last step decided (host values; ``None`` before the first step).
         self.last_verdict: StepVerdict | None = None
@@ -262,8 +279,7 @@ class SafeOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the inner optimizer (a new snapshot follows)."""
         self.optimizer.add_param_group(param_group)
-        if self.rollback is not None:
-            self.rollback.invalidate()
+        self.restorer.invalidate()
         self._is_verified = False
         self.model_buffers.discover(self.param_groups[-1]["params"])
 
@@ -320,8 +336,7 @@ class SafeOptimizer(Optimizer):
                 rng = self.rerun.capture()
             with torch.enable_grad():
                 loss = closure()
-        self.monitor.count("steps")
-        step = self.monitor.counters["steps"]
+        step = self.accounting.begin_step()
         self.model_buffers.settle()
         try:
             return self._step(step, closure, loss, rng)
@@ -381,7 +396,7 @@ class SafeOptimizer(Optimizer):
         """Before the first step (and after ``add_param_group`` or ``load_state_dict``): the
         weights and the optimizer state must be finite, and are the first snapshot."""
         params = self._all_params()
-        if self.rollback is not None and not self.rollback.has_snapshot:
+        if self.rollback is not None and not self.restorer.has_snapshot:
             bad = self.response.take_snapshot(step)
         else:  # no snapshots, or one loaded with a checkpoint (in_state_dict)
             bad = non_finite_params(self.optimizer, params)
@@ -443,7 +458,7 @@ class SafeOptimizer(Optimizer):
         if not self._said_no_loss and (
             self.plateau is not None
             or self.hot_lr is not None
-            or (self.spike and self.spike.watch_loss)
+            or (self.spike is not None and self.spike.watches("loss"))
         ):
             log.info(
                 "no loss seen: plateau scheduling, the hot-LR watch and the loss-spike guard are "
@@ -480,7 +495,7 @@ class SafeOptimizer(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _lr(self) -> tuple[float, tuple[float, float | None]]:
-        return self.response.lr_factor, self.response.lr_bounds()
+        return self.lr_control.factor, self.lr_control.bounds()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:  # type: ignore[override]
@@ -517,15 +532,16 @@ class SafeOptimizer(Optimizer):
 
     @property
     def lr_factor(self) -> float:
-        """Our current LR multiplier: emergency x hot-LR x plateau factor (1.0 = none)."""
-        return self.response.lr_factor
+        """Our current LR multiplier: emergency x hot-LR x plateau factor, times those of
+        ``lr_policies`` (1.0 = none)."""
+        return self.lr_control.factor
 
     def effective_lr(self) -> list[Any]:
         """The LR each group's update uses: the scheduled ``group["lr"]`` times our factor.
 
         ``group["lr"]`` itself always shows the scheduled LR (what your scheduler wrote).
         """
-        return [self.response.effective_lr(group["lr"]) for group in self.param_groups]
+        return [self.lr_control.effective_lr(group["lr"]) for group in self.param_groups]
 
     def stats(self) -> dict[str, Any]:
         """Counters and the latest numbers of the run (host values: reading them never syncs).
@@ -568,18 +584,21 @@ class SafeOptimizer(Optimizer):
     # -- checkpoints ------------------------------------------------------------------
 
     def _stages(self) -> dict[str, Stage | None]:
-        return {
-            "clip": self.clip,
-            "emergency_clip": self.emergency_clip,
-            "spike": self.spike,
-            "emergency_lr": self.emergency_lr,
-            "hot_lr": self.hot_lr,
-            "plateau": self.plateau,
-            "rollback": self.rollback,
-            "escalation": self.escalation,
-            "rerun": self.rerun,
-            "ledger": self.ledger,
-        }
+        return self.slots.named()
+
+    # the stages, by slot (``None``: off): the objects the pipeline uses
+    clip = property(lambda self: self.slots.clip, doc="The clip policy (``None``: off).")
+    emergency_clip = property(lambda self: self.slots.emergency_clip, doc="The emergency clip.")
+    spike = property(lambda self: self.slots.spike, doc="The spike guard (``None``: off).")
+    emergency_lr = property(lambda self: self.slots.emergency_lr, doc="The emergency LR policy.")
+    hot_lr = property(lambda self: self.slots.hot_lr, doc="The hot-LR watch (``None``: off).")
+    plateau = property(lambda self: self.slots.plateau, doc="The plateau LR policy.")
+    rollback = property(lambda self: self.slots.rollback, doc="The rollback (``None``: off).")
+    escalation = property(lambda self: self.slots.escalation, doc="The escalation.")
+    rerun = property(lambda self: self.slots.rerun, doc="The rerun triage (``None``: off).")
+    ledger = property(lambda self: self.slots.ledger, doc="The ledger (``None``: off).")
+    skip_rules = property(lambda self: list(self.slots.skip_rules), doc="Your skip rules.")
+    lr_policies = property(lambda self: list(self.slots.lr_policies), doc="Your LR policies.")
 
     def state_dict(self) -> dict[str, Any]:
         """The inner optimizer's state dict plus a ``"stableopt"`` entry for every stage.
@@ -593,9 +612,10 @@ class SafeOptimizer(Optimizer):
             pre_hook(self)
         state_dict = dict(self.optimizer.state_dict())
         last = self.last_verdict
+        stages = self._stages()
         state_dict[checkpoint.STATE_KEY] = checkpoint.pack(
             self.optimizer,
-            self._stages(),
+            stages,
             self.monitor,
             {
                 "last_grad_norm": last.grad_norm if last is not None else None,
@@ -603,6 +623,9 @@ class SafeOptimizer(Optimizer):
                 "last_threshold": last.clip_threshold if last is not None else None,
             },
         )
+        ours = state_dict[checkpoint.STATE_KEY]
+        with_snapshot = "params" in (ours["stages"].get("rollback") or {})
+        ours["restorer"] = self.restorer.state_dict(with_snapshot)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, state_dict)
             if result is not None:
@@ -649,10 +672,15 @@ class SafeOptimizer(Optimizer):
                 "state dict holds no stableopt entry (a plain optimizer checkpoint): counters start at 0"
             )
             self.monitor.load_state_dict(Monitor().state_dict())
-            if self.rollback is not None:
-                self.rollback.invalidate()
+            self.restorer.invalidate()
         else:
             checkpoint.load_stages(ours, self._stages(), self.monitor)
+            # the judging histories at the snapshot: saved beside it (older checkpoints kept
+            # them in the rollback's entry)
+            rollback_state = ours["stages"].get("rollback") or {}
+            self.restorer.load_state_dict(
+                ours.get("restorer") or {"stage_states": rollback_state.get("stage_states", {})}
+            )
             self.last_verdict = checkpoint.last_verdict(ours, self.monitor.counters["steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)

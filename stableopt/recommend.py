@@ -36,24 +36,18 @@ come from.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from stableopt._checks import check_float, check_int
+from stableopt.messages import skip_text
 from stableopt.monitor import Event
+from stableopt.outcomes import Cause, EventKind, SkipReason
 
 __all__ = ["Recommendation", "format_recommendations", "recommend"]
 
 _EXAMPLES = 5  # steps quoted per recommendation
-_FAILED_RUN = re.compile(r"(\d+) steps in a row failed")
-_LEVEL_SPIKES = re.compile(r"^(\d+) spikes in a row")
-_THRESHOLD = re.compile(r"\b(grad_norm_threshold|loss_threshold)=")
-_HOT = re.compile(r"the LR is too hot")
-_HOT_LEVEL = re.compile(
-    r"the loss level (\S+) has stayed (\S+)x above the level the run started from \((\S+);"
-)
 
 
 @dataclass(frozen=True)
@@ -142,7 +136,8 @@ def format_recommendations(advice: Sequence[Recommendation]) -> str:
 def _lower_lr(
     stats: Mapping[str, Any], events: Sequence[Event], lrs: Sequence[float] | None, min_cuts: int
 ) -> Recommendation | None:
-    cuts = [e for e in events if e.kind == "lr_cut" and _cause(e) != "hot"]  # see hot_lr
+    # the hot LR has its own advice; a policy of yours its own reasons
+    cuts = [e for e in events if e.kind == EventKind.LR_CUT and _cause(e) not in ("hot", "policy")]
     if len(cuts) < min_cuts:
         return None
     deepest = min(e.data.get("new_factor", 1.0) for e in cuts)
@@ -162,7 +157,11 @@ def _lower_lr(
     if by_cause["failures"]:
         causes.append(f"{len(by_cause['failures'])} after {_failed_run_text(by_cause['failures'])}")
     thresholds = sorted(
-        {m.group(1) for e in by_cause["threshold"] if (m := _THRESHOLD.search(e.reason))}
+        {
+            name
+            for e in by_cause["threshold"]
+            if isinstance(e.cause, Cause) and (name := _THRESHOLD_NAMES.get(e.cause)) is not None
+        }
     )
     if by_cause["threshold"]:
         causes.append(f"{len(by_cause['threshold'])} at {' or '.join(thresholds)}")
@@ -207,17 +206,20 @@ def _lower_lr(
 def _hot_lr(
     stats: Mapping[str, Any], events: Sequence[Event], lrs: Sequence[float] | None
 ) -> Recommendation | None:
-    cuts = [e for e in events if e.kind == "lr_cut" and _cause(e) == "hot"]
+    cuts = [e for e in events if e.kind == EventKind.LR_CUT and _cause(e) == "hot"]
     if not cuts:
         return None
     factor = min(e.data.get("new_factor", 1.0) for e in cuts)
     evidence = {"hot_lr_cuts": float(len(cuts)), "hot_lr_factor": factor}
-    climbs = [m for e in cuts if (m := _HOT_LEVEL.search(e.reason))]
+    climbs = [e for e in cuts if "climb" in e.data]
     climbed = ""
     if climbs:
-        level, times, start = climbs[0].groups()
-        climbed = f" (at step {cuts[0].step}: a loss level of {level}, {times}x the {start} it started from)"
-        evidence["climb_ratio"] = float(times)
+        first = climbs[0].data
+        climbed = (
+            f" (at step {climbs[0].step}: a loss level of {first.get('level', math.nan):.4g}, "
+            f"{first['climb']:.3g}x the {first.get('reference', math.nan):.4g} it started from)"
+        )
+        evidence["climb_ratio"] = float(first["climb"])
     message = (
         f"The loss climbed above where the run started and stayed there{climbed}: the learning "
         f"rate was too hot for this run. It was cut {len(cuts)} time(s) (steps {_steps(cuts)}), "
@@ -239,14 +241,11 @@ def _hot_lr(
     return Recommendation("hot_lr", message, evidence)
 
 
-_BATCH = re.compile(r"^batch \[([^\]]*)\] failed again")
-
-
 def _data_fault(events: Sequence[Event]) -> Recommendation | None:
-    faults = [e for e in events if e.kind == "data_fault"]
+    faults = [e for e in events if e.kind == EventKind.DATA_FAULT]
     if not faults:
         return None
-    batches = [m.group(1) for e in faults if (m := _BATCH.search(e.reason))]
+    batches = [e.labels["batch"] for e in faults if "batch" in e.labels]
     shown = "; ".join(f"[{b}]" for b in batches[:_EXAMPLES])
     more = f" and {len(batches) - _EXAMPLES} more" if len(batches) > _EXAMPLES else ""
     message = (
@@ -264,7 +263,7 @@ def _transient(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendat
     count = int(stats.get("transient_faults", 0))
     if count == 0:
         return None
-    faults = [e for e in events if e.kind == "transient_fault"]
+    faults = [e for e in events if e.kind == EventKind.TRANSIENT_FAULT]
     by_device = dict(stats.get("transient_faults_by_device") or {})
     where = ", ".join(f"{device}: {n}" for device, n in sorted(by_device.items()))
     message = (
@@ -307,7 +306,9 @@ def _clipping(
 
 def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendation | None:
     # a step rolled back after a run of failures was skipped too: its cause leads its reason
-    skips = [e for e in events if e.kind in ("skip", "rollback") and _is_non_finite(e)]
+    skips = [
+        e for e in events if e.kind in (EventKind.SKIP, EventKind.ROLLBACK) and _is_non_finite(e)
+    ]
     losses = int(stats.get("nonfinite_losses", 0) or 0)  # counted by SafeLoss, if used
     # With the lazy weight check, weights an update left non-finite make the next loss
     # NaN, and that step is rolled back, not skipped: the weights, not the data. (Checked
@@ -315,9 +316,9 @@ def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommenda
     found_late = sum(
         1
         for e in events
-        if e.kind == "rollback"
+        if e.kind == EventKind.ROLLBACK
         and _cause(e) == "weights"
-        and "the update left non-finite weights" not in e.reason
+        and e.cause is not Cause.UPDATE_WROTE_NONFINITE
     )
     from_weights = min(losses, found_late)
     if not skips and losses == from_weights:
@@ -343,7 +344,7 @@ def _non_finite(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommenda
             evidence,
         )
     loss_text = f"; SafeLoss saw {losses} non-finite loss(es)" if losses else ""
-    restored = [e for e in skips if e.kind == "rollback"]
+    restored = [e for e in skips if e.kind == EventKind.ROLLBACK]
     if restored:
         after = (
             f"Each was skipped; {_failed_run_text(restored)} also restored the last snapshot "
@@ -378,7 +379,7 @@ def _rollback(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendati
     rollbacks = int(stats.get("rollbacks", 0))
     if rollbacks == 0:
         return None
-    recent = [e for e in events if e.kind == "rollback"]
+    recent = [e for e in events if e.kind == EventKind.ROLLBACK]
     weights = [e for e in recent if _cause(e) == "weights"]
     failures = [e for e in recent if _cause(e) == "failures"]
     hot = [e for e in recent if _cause(e) == "hot"]
@@ -404,7 +405,8 @@ def _rollback(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendati
             f"were finite (steps {_steps(weights)})"
         )
     if failures:
-        last_cause = failures[-1].reason.split("; ")[0]
+        last = failures[-1]
+        last_cause = skip_text(_failed_for(last), last.data, last.labels)
         causes.append(
             f"{len(failures)} after {_failed_run_text(failures)} (steps {_steps(failures)}; "
             f"the last failed for: {last_cause}), so many that the state, not the inputs, "
@@ -448,7 +450,7 @@ def _spikes(
     if others < min_spike_skips:
         return None
     recent = [e for e in _spike_skips(events) if id(e) not in in_levels]
-    failed = {e.step for e in events if e.kind in ("skip", "rollback")}
+    failed = {e.step for e in events if e.kind in (EventKind.SKIP, EventKind.ROLLBACK)}
     isolated = [e for e in recent if e.step - 1 not in failed and e.step + 1 not in failed]
     steps = int(stats.get("steps", 0))
     evidence = {
@@ -498,7 +500,7 @@ def _new_level(
     event, spikes = levels[-1]
     norm = float(event.data.get("grad_norm", math.nan))
     first = spikes[0].step if spikes else event.step
-    signals = {"loss" if e.reason.startswith("loss spike") else "gradient norm" for e in spikes}
+    signals = {_SIGNALS.get(reason, "gradient norm") for e in spikes if (reason := _failed_for(e))}
     what = " and ".join(sorted(signals, reverse=True)) if spikes else "gradient norm"
     evidence = {
         "new_levels": float(count),
@@ -545,7 +547,7 @@ def _new_level(
 def _plateau(
     stats: Mapping[str, Any], events: Sequence[Event], lrs: Sequence[float] | None
 ) -> Recommendation | None:
-    reductions = [e for e in events if e.kind == "plateau"]
+    reductions = [e for e in events if e.kind == EventKind.PLATEAU]
     if not reductions:
         return None
     factor = float(stats.get("lr_factor", 1.0))
@@ -572,48 +574,77 @@ def _plateau(
 #: of failed steps, an absolute threshold of EmergencyLR, or a loss that climbed (HotLR).
 _CAUSES = ("weights", "failures", "threshold", "hot")
 
+_THRESHOLD_NAMES = {
+    Cause.GRAD_NORM_THRESHOLD: "grad_norm_threshold",
+    Cause.LOSS_THRESHOLD: "loss_threshold",
+}
+_SPIKES = (SkipReason.LOSS_SPIKE, SkipReason.GRAD_NORM_SPIKE, SkipReason.NORM_STATS_SPIKE)
+_SIGNALS = {
+    SkipReason.LOSS_SPIKE: "loss",
+    SkipReason.GRAD_NORM_SPIKE: "gradient norm",
+    SkipReason.NORM_STATS_SPIKE: "running statistics",
+}
+
 
 def _cause(event: Event) -> str:
-    """The cause of an ``lr_cut`` or ``rollback`` event, from its reason."""
-    if _HOT.search(event.reason):
+    """The cause of an ``lr_cut`` or ``rollback`` event, from its typed cause."""
+    if event.cause is Cause.HOT_LR:
         return "hot"
-    if _FAILED_RUN.search(event.reason):
-        return "failures"
-    if _THRESHOLD.search(event.reason):
+    if event.cause in _THRESHOLD_NAMES:
         return "threshold"
+    if event.cause is Cause.FAILED_STEPS:
+        return "failures"
+    if event.cause in (Cause.BUDGET_SPENT, Cause.RESTORES_FAILED):
+        return "weights" if event.data.get("weights_failed") else "failures"
+    if event.cause is Cause.POLICY:
+        return "policy"
     return "weights"
 
 
+def _failed_for(event: Event) -> SkipReason | None:
+    """The skip reason of a skip event, or of the failing step a rollback followed."""
+    if isinstance(event.cause, SkipReason):
+        return event.cause
+    value = event.labels.get("failed_for")
+    try:
+        return SkipReason(value) if value else None
+    except ValueError:
+        return None
+
+
 def _failed_run_text(events: Sequence[Event]) -> str:
-    """``"5 failed steps in a row"`` (the length the events name), for escalation events."""
-    lengths = {m.group(1) for e in events if (m := _FAILED_RUN.search(e.reason))}
+    """``"5 failed steps in a row"`` (the length the events carry), for escalation events."""
+    lengths = {int(e.data["failures"]) for e in events if "failures" in e.data}
     if len(lengths) == 1:
         return f"{lengths.pop()} failed steps in a row"
     return "a run of failed steps"
 
 
 def _spike_skips(events: Sequence[Event]) -> list[Event]:
-    """The recent steps skipped as spikes (a rollback after failures names its cause first)."""
-    return [e for e in events if e.kind in ("skip", "rollback") and "spike" in e.reason]
+    """The recent steps skipped as spikes (a rollback after failures names its cause)."""
+    return [
+        e
+        for e in events
+        if e.kind in (EventKind.SKIP, EventKind.ROLLBACK) and _failed_for(e) in _SPIKES
+    ]
 
 
 def _new_levels(events: Sequence[Event]) -> list[tuple[Event, list[Event]]]:
     """Each recent ``new_level`` event with the spike skips it took its level from.
 
-    The spikes are the last ones at or before the event, as many as its reason names
-    ("3 spikes in a row ..."), never one of an earlier level.
+    The spikes are the last ones at or before the event, as many as it counts
+    (``data["spikes"]``), never one of an earlier level.
     """
     levels: list[tuple[Event, list[Event]]] = []
     spikes: list[Event] = []
     for event in events:
-        if event.kind not in ("skip", "rollback", "new_level"):
+        if event.kind not in (EventKind.SKIP, EventKind.ROLLBACK, EventKind.NEW_LEVEL):
             continue
-        if event.kind != "new_level":
-            if "spike" in event.reason:
+        if event.kind != EventKind.NEW_LEVEL:
+            if _failed_for(event) in _SPIKES:
                 spikes.append(event)
             continue
-        match = _LEVEL_SPIKES.match(event.reason)
-        n = int(match.group(1)) if match else 0
+        n = int(event.data.get("spikes", 0))
         level = [s for s in spikes if s.step <= event.step][-n:] if n else []
         levels.append((event, level))
         spikes = []
@@ -633,8 +664,12 @@ def _steps_undone(rollbacks: Sequence[Event]) -> list[float]:
 
 
 def _is_non_finite(event: Event) -> bool:
+    """A step skipped for NaN/Inf in its loss or gradients (a rollback: one that followed a
+    run of such steps; a rollback for non-finite weights is the weights, not the inputs)."""
+    if _failed_for(event) in (SkipReason.NONFINITE_GRADS, SkipReason.NONFINITE_LOSS):
+        return True
     grad_norm = event.data.get("grad_norm")
-    return "NaN/Inf" in event.reason or (grad_norm is not None and not math.isfinite(grad_norm))
+    return event.kind == EventKind.SKIP and grad_norm is not None and not math.isfinite(grad_norm)
 
 
 def _steps(events: Sequence[Event]) -> str:

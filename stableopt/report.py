@@ -13,7 +13,8 @@ on one shared step axis:
 4. the health score;
 5. an event strip: one row per kind, clipped steps included, with its count;
 
-with a vertical marker in every panel for each skip (non-finite or spike),
+with a vertical marker in every panel for each skip (by its reason: non-finite, a spike, above
+``skip_above``, a skip rule of yours),
 rollback, emergency clip, LR cut, plateau reduction, size mismatch (SafeLoss) and
 divergence, and the
 recommendations of :mod:`stableopt.recommend` for the run underneath.
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from stableopt.monitor import Event
+from stableopt.outcomes import EventKind, SkipReason, parse_cause
 from stableopt.recommend import format_recommendations, recommend
 
 __all__ = ["RunLog", "build_parser", "draw_report", "main", "read_run_log", "run", "threshold_line"]
@@ -45,6 +47,9 @@ log = logging.getLogger(__name__)
 _MARKERS: dict[str, tuple[str, str, str]] = {
     "nonfinite_skip": ("NaN/Inf skip", "tab:orange", "-"),
     "spike_skip": ("spike skip", "gold", "-"),
+    "limit_skip": ("skip_above skip", "tab:olive", "-"),
+    "rule_skip": ("skip rule", "tab:cyan", "-"),
+    "skip": ("skip", "tab:brown", "-"),
     "rollback": ("rollback", "tab:red", "-"),
     "emergency_clip": ("emergency clip", "tab:purple", ":"),
     "clip": ("clipped step", "tab:pink", ":"),
@@ -129,12 +134,15 @@ def read_run_log(path: str | Path) -> RunLog:
                     for k, v in dict(record.get("data") or {}).items()
                     if (n := math.nan if v is None else _number(v)) is not None
                 }
+                labels = {str(k): str(v) for k, v in dict(record.get("labels") or {}).items()}
                 run.events.append(
                     Event(
                         int(record.get("step", 0)),
                         str(record["kind"]),
                         str(record.get("reason", "")),
                         data,
+                        parse_cause(record.get("cause")),
+                        labels,
                     )
                 )
     if run.skipped_lines:
@@ -391,9 +399,23 @@ def _draw_markers(panels: Sequence[Any], strip: Any, categories: dict[str, list[
         strip.set_ylim(-0.5, 0.5)
 
 
+#: The marker of a skip, by its :class:`~stableopt.outcomes.SkipReason` (a skip whose reason
+#: the log does not hold, one written before it did, is a plain "skip").
+_SKIP_MARKERS = {
+    SkipReason.NONFINITE_GRADS: "nonfinite_skip",
+    SkipReason.NONFINITE_LOSS: "nonfinite_skip",
+    SkipReason.LOSS_SPIKE: "spike_skip",
+    SkipReason.GRAD_NORM_SPIKE: "spike_skip",
+    SkipReason.NORM_STATS_SPIKE: "spike_skip",
+    SkipReason.ABOVE_SKIP_LIMIT: "limit_skip",
+    SkipReason.RULE: "rule_skip",
+}
+
+
 def _category(event: Event) -> str | None:
-    if event.kind == "skip":
-        return "spike_skip" if "spike" in event.reason else "nonfinite_skip"
+    if event.kind == EventKind.SKIP:
+        cause = event.cause if isinstance(event.cause, SkipReason) else None
+        return _SKIP_MARKERS.get(cause, "skip") if cause is not None else "skip"
     return event.kind if event.kind in _MARKERS else None
 
 

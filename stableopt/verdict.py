@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 from typing import Literal
 
+from stableopt.outcomes import AnyCause, SkipReason
 from stableopt.stages.base import StepNumbers
 
 __all__ = ["SkipReason", "StepOutcome", "StepStatus", "StepVerdict"]
@@ -21,26 +21,6 @@ __all__ = ["SkipReason", "StepOutcome", "StepStatus", "StepVerdict"]
 #: What a ``step()`` did with its update: kept it, skipped it, undid it (a rollback), or
 #: stopped the run (:class:`~stableopt.DivergenceError`).
 StepStatus = Literal["updated", "skipped", "rolled_back", "stopped"]
-
-
-class SkipReason(str, Enum):
-    """Why a step was skipped (its update did not run)."""
-
-    #: GradScaler found Inf/NaN at its current scale: its own skip, not a failure of the run.
-    AMP_OVERFLOW = "amp_overflow"
-    #: NaN or Inf in the gradients (or a norm that overflows the dtype).
-    NONFINITE_GRADS = "nonfinite_grads"
-    #: The loss is NaN or Inf.
-    NONFINITE_LOSS = "nonfinite_loss"
-    #: The gradient norm is above ``EmergencyClip(skip_above=...)``.
-    ABOVE_SKIP_LIMIT = "above_skip_limit"
-    #: The loss is an outlier against the spike guard's window.
-    LOSS_SPIKE = "loss_spike"
-    #: The gradient norm is an outlier against the spike guard's window.
-    GRAD_NORM_SPIKE = "grad_norm_spike"
-    #: The forward pass moved a normalisation layer's running statistics far beyond what
-    #: one batch of the data can (a batch far outside the data: :mod:`stableopt.buffers`).
-    NORM_STATS_SPIKE = "norm_stats_spike"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +47,8 @@ class StepVerdict:
         bad_buffers: the model's buffers the step's forward pass left non-finite
             (indices into ``SafeOptimizer.model_buffers.buffers``), checked on an accepted
             step.
+        rule: the name of the skip rule (``SafeOptimizer(skip_rules=...)``) whose bound the
+            step crossed (``skip_reason`` is ``SkipReason.RULE``), else ``None``.
     """
 
     step: int
@@ -81,6 +63,7 @@ class StepVerdict:
     weights_ok: bool | None = None
     bad_params: tuple[int, ...] = ()
     bad_buffers: tuple[int, ...] = ()
+    rule: str | None = None
 
     @property
     def grads_finite(self) -> bool:
@@ -121,6 +104,9 @@ class StepOutcome:
         reason: why it was skipped, rolled back or stopped, in words (the event's reason);
             ``None`` when updated.
         skip_reason: the skip's :class:`SkipReason` (``None`` when the update ran).
+        cause: why it was rolled back or stopped
+            (:class:`~stableopt.outcomes.Cause`), or the skip's :class:`SkipReason`;
+            ``None`` when updated.
         clip_coefficient: the factor the gradients were multiplied by (``1.0``: unchanged).
         is_clipped: the gradients were scaled down.
         lr_factor: our LR multiplier after the step (1.0 = none).
@@ -133,6 +119,7 @@ class StepOutcome:
     clip_coefficient: float = 1.0
     is_clipped: bool = False
     lr_factor: float = 1.0
+    cause: AnyCause | None = None
 
     @property
     def was_skipped(self) -> bool:

@@ -580,3 +580,25 @@ def test_a_pickled_optimizer_finds_its_modules_again() -> None:
     opt.step()
     clone = pickle.loads(pickle.dumps(opt))
     assert clone.model_buffers.roots == []  # modules do not travel with it
+
+
+def test_an_evaluation_under_inference_mode_between_steps_keeps_ordinary_copies() -> None:
+    """torchvision's reference evaluates under ``torch.inference_mode()``: the forward pre-hook
+    keeps the buffers there, and the next training step must still run (and put back)."""
+    holder = [make_cnn()]  # out of sight: found by the first forward pass, an evaluation
+    opt = SafeOptimizer(torch.optim.SGD(holder[0].parameters(), lr=0.05, momentum=0.9))
+    model = holder[0]
+    for step in range(1, 26):
+        model.eval()
+        with torch.inference_mode():
+            model(cnn_batch(0)[0])
+        model.train()
+        batch = corrupt("cnn", cnn_batch(step), "nan") if step == 25 else cnn_batch(step)
+        before = _buffers(model)
+        opt.zero_grad()
+        cnn_loss(model, batch).backward()
+        opt.step()
+    assert opt.stats()["skipped_steps"] == 1 and opt.model_buffers.roots == [model]
+    kept = [w.kept for w in opt.model_buffers.buffers if w.kept is not None]
+    assert kept and not any(t.is_inference() for t in kept)
+    assert all(torch.equal(v, before[k]) for k, v in _buffers(model).items())

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from stableopt import SafeOptimizer
+from stableopt.registry import resolve_clip
 from stableopt.stages import AGCClip, ClipPolicy, FixedClip, PercentileClip, StepNumbers, ZScoreClip
 from stableopt.stages.clip import clip_coefficient
-from stableopt.stages.registry import resolve_clip
 
 
 def spiky_norms(steps: int, seed: int = 0) -> list[float]:

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from stableopt import SafeOptimizer
 from stableopt.cli import main
 from stableopt.demo import DemoResult, demo_schedule, format_report, run_demo
+from stableopt.outcomes import Cause
 from stableopt.testing import (
     FAULT_KINDS,
     FaultInjector,
@@ -90,7 +91,11 @@ def test_demo_safe_optimizer_survives_every_fault(demo: DemoResult) -> None:
     # within 20 steps would cut).
     assert [e.step for e in safe.events if e.kind == "lr_cut"] == []
     (rollback,) = [e for e in safe.events if e.kind == "rollback"]
-    assert "the non-finite entries of 1 parameter(s)" in rollback.reason
+    assert (
+        rollback.cause is Cause.NONFINITE_FOUND_LATE
+        or rollback.cause is Cause.UPDATE_WROTE_NONFINITE
+    )
+    assert (rollback.labels["scope"], rollback.data["params"]) == ("entries", 1.0)
     assert math.isfinite(demo.reference_loss)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from stableopt import SafeOptimizer
+from stableopt.outcomes import SkipReason
 from stableopt.stages.base import StepNumbers
 from stableopt.stages.emergency_clip import EmergencyClip
 from tests.helpers import backward, batch, make_model
@@ -102,7 +103,8 @@ def test_skip_above_skips_garbage_norms() -> None:
     opt.step()
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
     assert opt.stats()["skipped_steps"] == 1
-    assert "above skip_above" in next(e for e in opt.events() if e.kind == "skip").reason
+    skip = next(e for e in opt.events() if e.kind == "skip")
+    assert skip.cause is SkipReason.ABOVE_SKIP_LIMIT and skip.data["skip_above"] == 1e8
 
 
 def test_emergency_state_resumes() -> None:

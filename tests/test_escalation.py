@@ -8,6 +8,7 @@ import pytest
 
 from stableopt import Escalation, SkipReason, StepVerdict
 from stableopt.escalation import Action, State
+from stableopt.outcomes import Cause
 
 
 def ok(step: int = 0, norm: float = 1.0) -> StepVerdict:
@@ -60,7 +61,8 @@ def test_failures_in_a_row_roll_back_then_stop() -> None:
     got = actions(machine, [nan() for _ in range(10)])
     assert got == [Action.SKIP] * 4 + [Action.ROLLBACK] + [Action.SKIP] * 4 + [Action.STOP]
     stop = machine.next(nan())  # a stopped machine keeps saying so
-    assert stop.action is Action.STOP and "11 consecutive steps" in stop.reason
+    assert stop.action is Action.STOP and stop.cause is Cause.BUDGET_SPENT
+    assert (stop.data["failures"], stop.data["max_failures"]) == (11, 10)
 
 
 def test_a_restore_that_fails_again_right_away_counts_until_the_run_recovers() -> None:
@@ -76,7 +78,8 @@ def test_a_restore_that_fails_again_right_away_counts_until_the_run_recovers() -
     assert got == [Action.ROLLBACK, Action.ACCEPT, Action.ROLLBACK, Action.ROLLBACK]
     stop = machine.next(corrupted())
     assert stop.action is Action.STOP
-    assert "failed again right away 3 times in a row (max_restore_failures=3)" in stop.reason
+    assert stop.cause is Cause.RESTORES_FAILED and stop.data["weights_failed"] == 1.0
+    assert (stop.data["restores"], stop.data["max_restores"]) == (3, 3)
 
 
 def test_the_machine_resumes_mid_streak() -> None:

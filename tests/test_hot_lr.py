@@ -19,6 +19,7 @@ from torch import nn
 
 from stableopt import HotLR, Rollback, SafeOptimizer
 from stableopt.checkpoint import STATE_KEY
+from stableopt.outcomes import Cause, EventKind
 
 pytestmark = pytest.mark.usefixtures("decide_on")
 
@@ -206,7 +207,7 @@ def test_a_hot_lr_is_cut_with_a_rollback_and_the_run_trains() -> None:
     assert opt.optimizer.param_groups[0]["lr"] == lr  # a multiplier, never written into the group
     # the cut restores a snapshot taken before the climb
     rollbacks = [e for e in opt.events() if e.kind == "rollback" and e.step == cuts[0].step]
-    assert len(rollbacks) == 1 and "too hot" in rollbacks[0].reason
+    assert len(rollbacks) == 1 and rollbacks[0].cause is Cause.HOT_LR
     assert opt.stats()["rollbacks"] >= 1
     assert full_loss(model) < 0.25 * bare and full_loss(model) < losses[0]
 
@@ -218,18 +219,19 @@ def test_the_cut_event_carries_the_numbers_of_the_rule() -> None:
         change = policy.update(float(loss))
         if change is not None:
             break
-    assert change is not None and change.kind == "lr_cut"
+    assert change is not None and change.kind is EventKind.LR_CUT and change.cause is Cause.HOT_LR
     step = numpy_cut_step(losses)
     assert step is not None
     seen = np.log(losses[:step])
     level = math.exp(float(np.median(seen[-8:])))
     reference = math.exp(float(np.median(seen[:3])))
     first = float(losses[0])
-    # the reason names the level, the reference it exceeded (the median start or the first
-    # loss, whichever by more of its margin) and the cut
-    assert f"{level:.4g}" in change.reason
-    assert f"{reference:.4g}" in change.reason or f"{first:.4g}" in change.reason
-    assert "LR factor cut 1 -> 0.03" in change.reason  # the default factor
+    # the data holds the level, the reference it exceeded (the median start or the first
+    # loss, whichever by more of its margin), the climb and the cut
+    assert change.data["level"] == pytest.approx(level)
+    assert change.data["reference"] in (pytest.approx(reference), pytest.approx(first))
+    assert change.data["climb"] == pytest.approx(level / change.data["reference"])
+    assert change.data["patience"] == 8.0
     assert (change.old_factor, change.new_factor) == (1.0, pytest.approx(0.03))
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stableopt import DivergenceError, Ledger, SafeOptimizer
 from stableopt.ledger import FORMAT
+from stableopt.outcomes import SkipReason
 
 ROOT = Path(__file__).resolve().parents[1]
 BAD = 17  # the poisoned sample
@@ -86,8 +87,9 @@ def test_a_failing_step_is_recorded_with_its_batch_and_numbers() -> None:
     assert entry.step == 3 and entry.status == "skipped"  # batch 3 holds samples 16..23
     assert entry.ids == tuple(range(16, 24)) and BAD in entry.ids
     assert entry.grad_norm is None and entry.loss is None  # NaN: not finite, null in JSON
-    assert "NaN/Inf" in entry.reason
+    assert entry.cause is SkipReason.NONFINITE_GRADS
     data = opt.ledger.to_json()
+    assert data["entries"][0]["cause"] == "nonfinite_grads"
     assert data["format"] == FORMAT and data["bad_ids"] == list(range(16, 24))
     assert json.loads(json.dumps(data)) == data  # plain JSON
     assert data["entries"][0]["ids"] == list(range(16, 24))
@@ -102,8 +104,8 @@ def test_the_same_batch_failing_again_is_a_data_fault_not_a_failure_of_the_run()
     assert stats["rollbacks"] == 0 and stats["lr_factor"] == 1.0
     (fault,) = [e for e in opt.events() if e.kind == "data_fault"]
     assert fault.step == 8 + 3
-    assert fault.reason.startswith("batch [16, 17, 18, 19, 20, 21, 22, 23] failed again")
-    assert "it failed first at step 3" in fault.reason
+    assert fault.labels["batch"] == "16, 17, 18, 19, 20, 21, 22, 23"
+    assert fault.data["first_step"] == 3 and fault.cause is SkipReason.NONFINITE_GRADS
     advice = {r.kind: r for r in opt.recommendations()}
     assert "[16, 17, 18, 19, 20, 21, 22, 23]" in advice["data_fault"].message
 

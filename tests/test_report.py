@@ -106,9 +106,12 @@ def test_read_run_log_restores_events_and_numbers(
 ) -> None:
     path, opt = run_log
     logged = read_run_log(path)
-    assert [(e.step, e.kind, e.reason) for e in logged.events] == [
-        (e.step, e.kind, e.reason) for e in opt.events()
-    ]
+    assert [(e.step, e.kind, e.cause, e.data, e.labels) for e in logged.events] == [
+        (e.step, e.kind, e.cause, e.data, e.labels) for e in opt.events()
+    ] or all(  # a NaN in the data reads back as NaN, which is not == itself
+        (a.step, a.kind, a.cause, a.labels) == (b.step, b.kind, b.cause, b.labels)
+        for a, b in zip(logged.events, opt.events(), strict=True)
+    )
     nan_skip = next(e for e in logged.events if e.step == 40 and e.kind == "skip")
     assert math.isnan(nan_skip.data["grad_norm"])
     steps, health = logged.series("system_health")
@@ -139,3 +142,40 @@ def test_missing_matplotlib_names_the_extra(
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(ImportError, match=r"stableopt\[plot\]"):
         draw_report(run_log[0], tmp_path / "x.png")
+
+
+def test_a_skip_is_drawn_by_its_reason_not_by_its_words(tmp_path: Path) -> None:
+    """A finite skip by ``skip_above`` is its own marker, not a NaN/Inf skip (its sentence
+    says "gradient norm 1521 is above skip_above=5.0": no "spike" in it)."""
+    from stableopt import EmergencyClip
+    from stableopt.outcomes import SkipReason
+    from stableopt.report import _categories
+
+    path = tmp_path / "run.jsonl"
+    opt = train(
+        60,
+        {40: "grad_spike"},
+        sinks=[JsonlSink(path)],
+        every_steps=5,
+        emergency_clip=EmergencyClip(skip_above=5.0),
+        spike=None,
+    )
+    skip = next(e for e in read_run_log(path).events if e.kind == "skip")
+    assert skip.cause is SkipReason.ABOVE_SKIP_LIMIT
+    assert opt.last_step is not None
+    categories = _categories(read_run_log(path).events)
+    assert categories.get("limit_skip") == [skip.step] == [40]
+    assert "nonfinite_skip" not in categories
+    assert_real_picture(draw_report(path, tmp_path / "run.png"))
+
+
+def test_a_log_without_causes_draws_its_skips_as_plain_skips(tmp_path: Path) -> None:
+    """A run log written before events carried a cause: no guess from the words."""
+    from stableopt.report import _categories
+
+    path = tmp_path / "old.jsonl"
+    path.write_text(
+        json.dumps({"type": "event", "step": 3, "kind": "skip", "reason": "loss spike (9, ...)"})
+        + "\n"
+    )
+    assert _categories(read_run_log(path).events) == {"skip": [3]}

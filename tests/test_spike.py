@@ -27,6 +27,7 @@ from torch import nn
 
 from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard, StepNumbers
 from stableopt.gate import Gate
+from stableopt.outcomes import Cause, SkipReason
 from stableopt.testing.faults import RegressionTask
 from tests.helpers import (
     OPTIMIZERS,
@@ -447,9 +448,8 @@ def test_the_reason_names_the_rule_that_flagged_the_value() -> None:
         opt.step()
     (skip,) = [e for e in opt.events() if e.kind == "skip"]
     assert skip.step == 4
-    assert "loss spike (1000, 500x the median of the first 3 values, > early_ratio=100)" in (
-        skip.reason
-    )
+    assert skip.cause is SkipReason.LOSS_SPIKE and skip.data["loss"] == 1000
+    assert (skip.data["ratio"], skip.data["history"], skip.data["early_ratio"]) == (500, 3, 100)
 
 
 # ---------------------------------------------------------------------------------
@@ -583,7 +583,7 @@ def test_an_early_spike_is_skipped_and_leaves_weights_and_state_bit_identical(
     assert stats["spike_skips"] == 1 and stats["skipped_steps"] == 1 and stats["good_steps"] == 4
     skip = next(e for e in opt.events() if e.kind == "skip")
     assert skip.step == 5
-    assert skip.reason.startswith("loss spike" if signal == "loss" else "gradient-norm spike")
+    assert skip.cause is (SkipReason.LOSS_SPIKE if signal == "loss" else SkipReason.GRAD_NORM_SPIKE)
     state = opt.spike.state_dict()  # type: ignore[union-attr]
     assert state["loss_count"] == state["grad_norm_count"] == 4  # the spike did not enter
     # the next, normal step runs
@@ -645,7 +645,7 @@ def test_spikes_in_a_row_at_one_level_become_the_new_level() -> None:
     events = [(e.step, e.kind) for e in opt.events()]
     assert events == [(21, "skip"), (22, "skip"), (23, "skip"), (23, "new_level")]
     new_level = next(e for e in opt.events() if e.kind == "new_level")
-    assert "3 spikes in a row at one level" in new_level.reason
+    assert new_level.cause is Cause.SPIKES_AT_ONE_LEVEL and new_level.data["spikes"] == 3
     for step in (21, 22, 23):  # the suspect steps changed nothing
         assert same_snapshot(saved[step], saved[20])
     assert not same_snapshot(saved[24], saved[23])  # the 4th runs
@@ -667,7 +667,10 @@ def test_spikes_of_unrelated_sizes_are_no_level_and_then_the_state_is_restored()
     assert kinds[:5] == [(21, "skip"), (22, "skip"), (23, "skip"), (24, "skip"), (25, "rollback")]
     assert (25, "lr_cut") in kinds and not any(k == "new_level" for _, k in kinds)
     rollback = next(e for e in opt.events() if e.kind == "rollback")
-    assert "5 steps in a row failed" in rollback.reason and rollback.data["snapshot_step"] == 16
+    assert rollback.cause is Cause.FAILED_STEPS and rollback.data["failures"] == 5
+    assert (
+        rollback.labels["failed_for"] == "grad_norm_spike" and rollback.data["snapshot_step"] == 16
+    )
     assert same_snapshot(saved[25], saved[16]) and not same_snapshot(saved[20], saved[16])
     stats = opt.stats()
     assert stats["rollbacks"] == 1 and stats["lr_factor"] == 0.1

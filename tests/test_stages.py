@@ -120,8 +120,8 @@ class NeverSpike:
     def watches(self, signal: str) -> bool:
         return True
 
-    def explain(self, signal: str, value: float) -> str:
-        return "never"
+    def evidence(self, signal: str, value: float) -> dict[str, float]:
+        return {}
 
     def clear(self) -> None:
         self.accepted = 0

@@ -5,7 +5,8 @@
     {"type": "start", "time": 1732500000.0, "version": "0.1.0"}
     {"type": "metrics", "step": 50, "time": ..., "system_health": 1.0, "grad_norm": 0.41,
      "clip_threshold": null, "clipped_steps": [43, 47], ...}
-    {"type": "event", "step": 61, "time": ..., "kind": "skip", "reason": "...", "data": {...}}
+    {"type": "event", "step": 61, "time": ..., "kind": "skip", "cause": "grad_norm_spike",
+     "reason": "...", "data": {...}, "labels": {...}}
 
 Metric lines carry every value of ``stats()`` (and ``loss`` when the metrics have
 one), and ``clipped_steps``, the steps clipped since the previous metrics line.
@@ -60,8 +61,10 @@ class JsonlSink:
                 "step": event.step,
                 "time": time.time(),
                 "kind": event.kind,
+                "cause": None if event.cause is None else event.cause.value,
                 "reason": event.reason,
                 "data": event.data,
+                "labels": event.labels,
             }
         )
 

@@ -20,7 +20,7 @@
 
 Every stage follows [`Stage`][stableopt.stages.base.Stage] (a ``name``,
 ``observe(numbers)``, ``state_dict()``, ``load_state_dict()``); clip policies follow
-[`ClipPolicy`][stableopt.stages.base.ClipPolicy]. [`registry`][stableopt.stages.registry]
+[`ClipPolicy`][stableopt.stages.base.ClipPolicy]. [`registry`][stableopt.registry]
 maps the policy names to classes.
 """
 

@@ -7,7 +7,7 @@ gradient norm allowed this step; the pipeline turns it into one coefficient,
 carried in a fused optimizer's ``grad_scale``.
 
 The policies, by name (``SafeOptimizer(opt, clip="zscore")``; the table is
-:mod:`stableopt.stages.registry`):
+:mod:`stableopt.registry`):
 
 * ``"zscore"``: :class:`~stableopt.stages.zscore.ZScoreClip` (ZClip, Kumar et al. 2025);
 * ``"percentile"``: :class:`~stableopt.stages.percentile.PercentileClip` (AutoClip,

@@ -7,13 +7,22 @@ factor applies as a multiplier around the update (:mod:`stableopt.stages.lr_fact
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from stableopt._checks import check_float, check_int
+from stableopt.outcomes import AnyCause, Cause, EventKind
 from stableopt.stages.base import StepNumbers
 from stableopt.stages.lr_factor import LRChange
 
-__all__ = ["EmergencyLR"]
+__all__ = ["EmergencyLR", "Trigger"]
+
+
+class Trigger(NamedTuple):
+    """Why :meth:`EmergencyLR.update` is asked to cut: a cause and the numbers behind it."""
+
+    cause: AnyCause
+    data: Mapping[str, float]
+    labels: Mapping[str, str] = {}
 
 
 class EmergencyLR:
@@ -134,20 +143,27 @@ class EmergencyLR:
         ] + [step]
         return len(self.recent_weight_faults) >= self.weight_faults
 
-    def triggers(self, grad_norm: float, loss: float | None) -> dict[str, bool]:
-        """Which absolute thresholds (if set) this step's host norm and loss are above."""
+    def trigger(self, grad_norm: float, loss: float | None) -> Trigger | None:
+        """The absolute threshold (if set) this step's host norm or loss is above, as a
+        trigger for :meth:`update`, or ``None``."""
         norm_limit, loss_limit = self.grad_norm_threshold, self.loss_threshold
-        return {
-            "grad_norm_above_threshold": norm_limit is not None and grad_norm > norm_limit,
-            "loss_above_threshold": (
-                loss_limit is not None and loss is not None and loss > loss_limit
-            ),
-        }
+        if norm_limit is not None and grad_norm > norm_limit:
+            return Trigger(
+                Cause.GRAD_NORM_THRESHOLD, {"grad_norm": grad_norm, "threshold": norm_limit}
+            )
+        if loss_limit is not None and loss is not None and loss > loss_limit:
+            return Trigger(Cause.LOSS_THRESHOLD, {"loss": loss, "threshold": loss_limit})
+        return None
 
     def update(
-        self, step: int, trigger: str | None, is_healthy: bool = True, immediate: bool = False
+        self,
+        step: int,
+        trigger: Trigger | None,
+        is_healthy: bool = True,
+        immediate: bool = False,
     ) -> LRChange | None:
-        """Advance one step: maybe cut on ``trigger`` (a reason), else count towards recovery.
+        """Advance one step: maybe cut on ``trigger`` (its cause and numbers), else count
+        towards recovery.
 
         ``is_healthy=False`` (a step skipped or rolled back for a reason that is not a
         trigger, e.g. an isolated loss spike) does not cut but is not a healthy step
@@ -168,36 +184,30 @@ class EmergencyLR:
                 return None
             if self.last_cut_step is not None and step - self.last_cut_step <= self.cooldown_steps:
                 return None
+            data = dict(trigger.data)
             if confirmed and not immediate and len(self.recent_triggers) > 1:
-                trigger = (
-                    f"{trigger} ({len(self.recent_triggers)} triggers within "
-                    f"{self.trigger_window} steps)"
-                )
+                data["triggers"] = float(len(self.recent_triggers))
+                data["trigger_window"] = float(self.trigger_window)
             old = self.factor
             self.emergency_cuts = self.emergency_cuts + 1 if self.in_emergency else 1
             self.last_cut_step = step
             if self.emergency_cuts > self.max_cuts:
                 return None  # the factor stays at its floor: the escalation decides the rest
             self.factor = old * self.cut_factor
-            return LRChange(
-                "lr_cut",
-                f"{trigger}: LR factor cut {old:.4g} -> {self.factor:.4g}",
-                old,
-                self.factor,
-            )
+            return LRChange(EventKind.LR_CUT, trigger.cause, old, self.factor, data, trigger.labels)
         self.healthy_steps += 1
         past = self.healthy_steps - self.recovery_after_steps
         if self.factor < 1.0 and past >= 0 and past % self.recovery_every_steps == 0:
             old = self.factor
             self.factor = min(1.0, old * self.recovery_growth)
-            done = " (recovered)" if self.factor == 1.0 else ""
             if self.factor == 1.0:
                 self.emergency_cuts = 0
             return LRChange(
-                "lr_recovery",
-                f"{self.healthy_steps} healthy steps: LR factor {old:.4g} -> {self.factor:.4g}{done}",
+                EventKind.LR_RECOVERY,
+                Cause.HEALTHY_STEPS,
                 old,
                 self.factor,
+                {"healthy_steps": float(self.healthy_steps)},
             )
         return None
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from stableopt._checks import check_float, check_int
+from stableopt.outcomes import Cause, EventKind
 from stableopt.stages._window import MAD_TO_STD
 from stableopt.stages.base import StepNumbers
 from stableopt.stages.lr_factor import LRChange
@@ -170,8 +171,8 @@ class HotLR:
         return max(candidates, key=lambda c: c[0] / c[1])
 
     def update(self, loss: float | None, maximize: bool = False) -> LRChange | None:
-        """Take an accepted step's loss: a cut (kind ``"lr_cut"``: the response restores the
-        snapshot), a recovery (``"lr_recovery"``) or ``None``."""
+        """Take an accepted step's loss: a cut (kind ``LR_CUT``, cause ``HOT_LR``: the response
+        restores the snapshot), a recovery (``LR_RECOVERY``) or ``None``."""
         if maximize or loss is None or not math.isfinite(loss):
             return None
         if loss <= 0.0:
@@ -202,15 +203,16 @@ class HotLR:
         self.cuts += 1
         self.calm_steps = 0
         self.restart()
-        reason = (
-            f"the loss level {level:.4g} has stayed {math.exp(excess):.3g}x above the level "
-            f"the run started from ({reference:.4g}; margin {math.exp(margin):.3g}x) for "
-            f"{self.patience} steps: the LR is too hot; LR factor cut {old:.4g} -> "
-            f"{self.factor:.4g}"
-        )
+        data = {
+            "level": level,
+            "climb": math.exp(excess),
+            "reference": reference,
+            "margin": math.exp(margin),
+            "patience": float(self.patience),
+        }
         if self.recovery_after_steps is not None:
-            reason += f" (it recovers to at most {self.ceiling:.4g})"
-        return LRChange("lr_cut", reason, old, self.factor)
+            data["ceiling"] = self.ceiling
+        return LRChange(EventKind.LR_CUT, Cause.HOT_LR, old, self.factor, data)
 
     def _recover(self) -> LRChange | None:
         if self.recovery_after_steps is None or self.factor >= self.ceiling:
@@ -222,12 +224,11 @@ class HotLR:
         old = self.factor
         self.factor = min(self.ceiling, old * self.recovery_growth)
         return LRChange(
-            "lr_recovery",
-            f"{self.calm_steps} steps with the loss below the hot level: LR factor "
-            f"{old:.4g} -> {self.factor:.4g} (at most {self.ceiling:.4g}, half the factor "
-            "that failed)",
+            EventKind.LR_RECOVERY,
+            Cause.CALM_STEPS,
             old,
             self.factor,
+            {"calm_steps": float(self.calm_steps), "ceiling": self.ceiling},
         )
 
     def observe(self, numbers: StepNumbers) -> None:

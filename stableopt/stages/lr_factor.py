@@ -13,23 +13,40 @@ running underneath our cut instead of erasing it one step later.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from stableopt.outcomes import AnyCause, EventKind
+
 __all__ = ["LRChange", "effective_lr", "scaled_lr"]
+
+_NONE: Mapping[str, Any] = MappingProxyType({})
 
 
 class LRChange(NamedTuple):
-    """One change of a factor: what the monitor records as an event."""
+    """One change of a factor, as data: what the accounting records as an event.
 
-    kind: str
-    reason: str
+    Attributes:
+        kind: :attr:`~stableopt.outcomes.EventKind.LR_CUT`, ``LR_RECOVERY`` or ``PLATEAU``.
+        cause: why (:class:`~stableopt.outcomes.Cause`, or a failing step's
+            :class:`~stableopt.outcomes.SkipReason`).
+        old_factor: the factor before.
+        new_factor: the factor after.
+        data: the numbers behind it (a loss level, a window, a count of triggers).
+        labels: names behind it (the failing step's cause, a policy's name).
+    """
+
+    kind: EventKind
+    cause: AnyCause | None
     old_factor: float
     new_factor: float
+    data: Mapping[str, float] = _NONE
+    labels: Mapping[str, str] = _NONE
 
 
 def effective_lr(scheduled: Any, factor: float, min_lr: float, max_lr: float | None) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stableopt._checks import check_float, check_int
+from stableopt.outcomes import Cause, EventKind
 from stableopt.stages._rings import from_ring, to_ring
 from stableopt.stages.base import StepNumbers
 from stableopt.stages.lr_factor import LRChange
@@ -123,12 +124,11 @@ class PlateauLR:
         self.factor = old * self.reduce_factor
         self.cooldown_left = self.cooldown_steps
         self.restart()
-        return LRChange(
-            "plateau", f"{why}: LR factor {old:.4g} -> {self.factor:.4g}", old, self.factor
-        )
+        return LRChange(EventKind.PLATEAU, Cause.LOSS_PLATEAU, old, self.factor, why)
 
-    def is_plateau(self, losses: np.ndarray) -> tuple[bool, str]:
-        """The trend test on a window of losses in time order; returns the verdict and why."""
+    def is_plateau(self, losses: np.ndarray) -> tuple[bool, dict[str, float]]:
+        """The trend test on a window of losses in time order; returns the verdict and the
+        numbers behind it (the window, the fall, its p-value, what progress needs)."""
         # Imported here: scipy.stats costs more to import than the rest of the package.
         from scipy import stats as scipy_stats
 
@@ -140,10 +140,13 @@ class PlateauLR:
         if math.isnan(p_down):  # a constant window: no trend at all
             p_down = 1.0
         improving = p_down < self.significance and decrease >= self.threshold
-        why = (
-            f"loss over the last {len(losses)} steps fell {100 * decrease:.2f}% (p={p_down:.3g}); "
-            f"progress needs {100 * self.threshold:.2f}% at p<{self.significance:g}"
-        )
+        why = {
+            "window": float(len(losses)),
+            "decrease": float(decrease),
+            "p": float(p_down),
+            "threshold": self.threshold,
+            "significance": self.significance,
+        }
         return not improving, why
 
     def state_dict(self) -> dict[str, Any]:

@@ -23,7 +23,6 @@ together (its flags are global), so the shards always belong to the same step.
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, NamedTuple, cast
@@ -89,9 +88,6 @@ class Rollback:
         self._params: list[Tensor] = []
         self._state: list[dict[str, Any] | None] = []
         self._buffers: list[Tensor] = []
-        # the judging stages' state (clip and spike histories) at the snapshot, set by the
-        # response after :meth:`take` and saved with the snapshot
-        self.stage_states: dict[str, Any] = {}
 
     @property
     def has_snapshot(self) -> bool:
@@ -105,7 +101,6 @@ class Rollback:
     def invalidate(self) -> None:
         """Forget the snapshot (the parameter set or the state changed under it)."""
         self.snapshot_step = None
-        self.stage_states = {}
 
     @torch.no_grad()
     def take(
@@ -186,6 +181,18 @@ class Rollback:
             for key, value in saved_state.items():
                 live[key] = _restore_value(live.get(key), value, p)
 
+    def restore_corrupted(
+        self, optimizer: Optimizer, only: Collection[int], buffers: Sequence[Tensor] = ()
+    ) -> str:
+        """Restore what the parameters ``only`` hold of NaN/Inf, as :attr:`scope` says:
+        their non-finite entries (``"entries"``), those parameters whole (``"corrupted"``) or
+        everything, ``buffers`` included (``"all"``); return the scope applied."""
+        if self.scope == "all" or not only:
+            self.restore(optimizer, buffers=buffers)
+            return "all"
+        self.restore(optimizer, only, entries=self.scope == "entries")
+        return self.scope
+
     def _restore_entries(self, optimizer: Optimizer, param: Tensor, i: int) -> None:
         """Put the snapshot's values where the parameter or its state is not finite; a
         value that cannot be restored entry by entry (sparse, reshaped) is restored whole."""
@@ -259,7 +266,6 @@ class Rollback:
                 }
                 for s in self._state
             ]
-            state["stage_states"] = copy.deepcopy(self.stage_states)
             state["buffers"] = [t.to("cpu", copy=True) for t in self._buffers]
         return state
 
@@ -309,7 +315,6 @@ class Rollback:
             for s in state_dict["state"]
         ]
         self._buffers = [self._copy_into(None, t) for t in state_dict.get("buffers", [])]
-        self.stage_states = copy.deepcopy(dict(state_dict.get("stage_states", {})))
         self.snapshot_step = state_dict["snapshot_step"]
 
     def __repr__(self) -> str:

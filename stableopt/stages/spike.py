@@ -216,18 +216,19 @@ class SpikeGuard:
             return self.early_ratio * median
         return None
 
-    def explain(self, signal: str, value: float) -> str:
-        """Why ``value`` crosses :meth:`bound` now, in words: its robust z-score, or (before
-        ``min_history``) its ratio to the median of the window under the early rule."""
+    def evidence(self, signal: str, value: float) -> dict[str, float]:
+        """Why ``value`` crosses :meth:`bound` now, as numbers: its robust z-score and the
+        threshold (``z``, ``z_threshold``), or before ``min_history`` its ratio to the median
+        of the window under the early rule (``ratio``, ``history``, ``early_ratio``)."""
         window = self._signals[signal]
         n = len(window.raw.values)
         if n < self.min_history:
-            median = window.raw.median()
-            return (
-                f"{value / median:.3g}x the median of the first {n} values, > "
-                f"early_ratio={self.early_ratio:g}"
-            )
-        return f"robust z = {self.zscore(signal, value):.3g} > {self.z_threshold:g}"
+            return {
+                "ratio": value / window.raw.median(),
+                "history": float(n),
+                "early_ratio": float(self.early_ratio or math.nan),
+            }
+        return {"z": self.zscore(signal, value), "z_threshold": self.z_threshold}
 
     def zscore(self, signal: str, value: float) -> float:
         """Robust z-score of ``value`` against ``signal``'s window now, on the scale the

@@ -11,13 +11,34 @@ from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
 
+from stableopt.roles import (
+    EmergencyClipRole,
+    EmergencyLRRole,
+    EscalationRole,
+    HotLRRole,
+    LedgerRole,
+    LRPolicy,
+    PlateauRole,
+    RerunRole,
+    RollbackRole,
+    SkipRule,
+    SpikeRole,
+    protocol_members,
+)
 from stableopt.stages.agc import AGCClip
 from stableopt.stages.base import ClipPolicy
 from stableopt.stages.clip import FixedClip
 from stableopt.stages.percentile import PercentileClip
 from stableopt.stages.zscore import ZScoreClip
 
-__all__ = ["CLIP_POLICIES", "STAGE_MEMBERS", "resolve_clip", "resolve_stage"]
+__all__ = [
+    "CLIP_POLICIES",
+    "ROLES",
+    "STAGE_MEMBERS",
+    "resolve_clip",
+    "resolve_list",
+    "resolve_stage",
+]
 
 #: Policy name -> the policy built with its defaults.
 CLIP_POLICIES: MappingProxyType[str, Callable[[], ClipPolicy]] = MappingProxyType(
@@ -70,25 +91,31 @@ def resolve_clip(clip: Any) -> ClipPolicy | None:
     )
 
 
-#: What each stage slot needs beyond the :class:`~stableopt.stages.base.Stage` members
-#: (name, observe, state_dict, load_state_dict): the members the pipeline uses.
+#: Each stage slot's role: the protocol whose members an object must have to fill it.
+ROLES: dict[str, type] = {
+    "emergency_clip": EmergencyClipRole,
+    "escalation": EscalationRole,
+    "spike": SpikeRole,
+    "emergency_lr": EmergencyLRRole,
+    "hot_lr": HotLRRole,
+    "plateau": PlateauRole,
+    "rollback": RollbackRole,
+    "rerun": RerunRole,
+    "ledger": LedgerRole,
+    "skip_rules": SkipRule,
+    "lr_policies": LRPolicy,
+}
+
+#: What each stage slot needs (the members of its role, :data:`ROLES`).
 STAGE_MEMBERS: dict[str, tuple[str, ...]] = {
-    "emergency_clip": ("limit", "threshold", "skip_above"),
-    "escalation": ("next", "consecutive_failures", "state"),
-    "spike": ("bound", "watches", "explain"),
-    "emergency_lr": ("update", "triggers", "weight_fault", "factor", "min_lr", "in_emergency"),
-    "hot_lr": ("update", "restart", "rebase", "is_elevated", "factor", "min_lr"),
-    "plateau": ("update", "restart", "factor", "min_lr", "max_lr"),
-    "rollback": ("take", "restore", "is_due", "invalidate", "has_snapshot", "snapshot_step"),
-    "rerun": ("capture", "restore", "applies", "count", "by_device"),
-    "ledger": ("tag", "take_tag", "is_known_bad", "record", "bad_ids"),
+    slot: protocol_members(role) for slot, role in ROLES.items()
 }
 
 
 def resolve_stage(name: str, value: Any, default: Callable[[], Any]) -> Any:
     """Resolve the stage argument ``name`` of :class:`~stableopt.SafeOptimizer`:
-    ``"default"`` (``default()``), ``None`` (off), or any object with the members the
-    pipeline uses (:data:`STAGE_MEMBERS`; checked by member, not by class).
+    ``"default"`` (``default()``), ``None`` (off), or any object with the members of the
+    slot's role (:data:`ROLES`; checked by member, not by class).
 
     Raises:
         TypeError: ``value`` is none of these; the message names the missing members.
@@ -97,7 +124,7 @@ def resolve_stage(name: str, value: Any, default: Callable[[], Any]) -> Any:
         return None
     if isinstance(value, str) and value == "default":
         return default()
-    members = ("name", "observe", "state_dict", "load_state_dict", *STAGE_MEMBERS[name])
+    members = STAGE_MEMBERS[name]
     missing = [member for member in members if not hasattr(value, member)]
     if isinstance(value, str) or missing:
         what = (
@@ -112,3 +139,33 @@ def resolve_stage(name: str, value: Any, default: Callable[[], Any]) -> Any:
             f"{', '.join(members)}), 'default' or None; got {what}"
         )
     return value
+
+
+def resolve_list(name: str, values: Any) -> list[Any]:
+    """Resolve a list argument of :class:`~stableopt.SafeOptimizer` (``skip_rules``,
+    ``lr_policies``): a sequence (or ``None``: empty) of objects each with the members of the
+    slot's role, with distinct names (events tell them apart by name).
+
+    Raises:
+        TypeError: not a sequence, or an element lacks members (named).
+        ValueError: two elements share a name.
+    """
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(
+            f"{name} must be a list of objects with the members "
+            f"{', '.join(STAGE_MEMBERS[name])}, or None; got {type(values).__name__}"
+        )
+    resolved = list(values)
+    for i, value in enumerate(resolved):
+        missing = [m for m in STAGE_MEMBERS[name] if not hasattr(value, m)]
+        if missing:
+            raise TypeError(
+                f"{name}[{i}] must have the members {', '.join(STAGE_MEMBERS[name])}; "
+                f"{type(value).__name__} has no {', '.join(missing)}"
+            )
+    names = [str(value.name) for value in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{name} must have distinct names, got {names}")
+    return resolved
