@@ -3,7 +3,8 @@
 The benchmarks live beside the package, in the source checkout, and are not
 installed with it. Without a mode flag the stability benchmark runs; ``--harm`` runs
 the do-no-harm benchmark (:mod:`benchmarks.harm`), ``--lr-sweep`` the LR-sensitivity
-sweep (:mod:`benchmarks.lr_sweep`) and ``--perf`` the per-step overhead benchmark; the
+sweep (:mod:`benchmarks.lr_sweep`), ``--recipes`` the real-recipes benchmark
+(:mod:`benchmarks.recipes`) and ``--perf`` the per-step overhead benchmark; the
 modes are mutually exclusive. ``--quick``, ``--out``, ``--seeds``, ``--steps``,
 ``--jobs`` and ``--no-progress`` are shared; each mode has its own option group. The
 benchmarks run themselves inside the handlers.
@@ -49,6 +50,10 @@ def build_parser(prog: str = "python -m stableopt bench") -> argparse.ArgumentPa
             "configurations: deaths, skips, rollbacks, LR cuts, loss ratio); writes harm.*. "
             "--lr-sweep: the LR-sensitivity sweep (final loss against the learning rate per "
             "method, and the sensitivity of Wortsman et al. 2023); writes lr_sweep.*. "
+            "--recipes: the real-recipes benchmark (nanoGPT, Tacotron 2, torchvision's ResNet, "
+            "OpenNMT-py's LSTM seq2seq and the HF Trainer as their authors wrote them, scaled "
+            "down; each as written, without its clip, and with SafeOptimizer keeping, taking "
+            "over or dropping the clip; healthy and under faults); writes recipes.*. "
             "--perf: per-step time and peak memory of SafeOptimizer(X) (defaults, each stage alone, "
             "each clip policy) against X + clip_grad_norm_ and bare X, for SGD, Adam and AdamW in "
             "their for-loop, foreach and fused versions, measured interleaved in one process. "
@@ -63,6 +68,11 @@ def build_parser(prog: str = "python -m stableopt bench") -> argparse.ArgumentPa
         "--harm", action="store_true", help="run the do-no-harm benchmark (healthy training)"
     )
     mode.add_argument("--lr-sweep", action="store_true", help="run the LR-sensitivity sweep")
+    mode.add_argument(
+        "--recipes",
+        action="store_true",
+        help="run the real-recipes benchmark (public training recipes, scaled down)",
+    )
     common = parser.add_argument_group("options of every benchmark")
     common.add_argument(
         "--quick",
@@ -137,6 +147,7 @@ def build_parser(prog: str = "python -m stableopt bench") -> argparse.ArgumentPa
     _add_stability_options(parser)
     _add_harm_options(parser)
     _add_sweep_options(parser)
+    _add_recipe_options(parser)
     parser.add_argument(
         "-v",
         "--verbose",
@@ -178,6 +189,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         return _run_harm(args)
     if args.lr_sweep:
         return _run_sweep(args)
+    if args.recipes:
+        return _run_recipes(args)
     return _run_stability(args)
 
 
@@ -275,6 +288,49 @@ def _run_sweep(args: argparse.Namespace) -> int:
     result = run_sweep(SweepConfig(**_shared(args, chosen)), progress=not args.no_progress)
     result.command = "python -m stableopt " + shlex.join(args.argv)
     written = write_results(result, args.out, "lr_sweep-quick" if args.quick else "lr_sweep")
+    print(format_markdown(result))
+    print(f"(wrote {', '.join(written)}; {result.seconds:.0f} s)")
+    return 0
+
+
+def _add_recipe_options(parser: argparse.ArgumentParser) -> None:
+    from benchmarks.recipes import FAMILIES, FAULTS, RECIPES, VARIANTS
+
+    names = [*FAMILIES, *(n for n in RECIPES if n not in FAMILIES)]
+    group = parser.add_argument_group("--recipes options")
+    group.add_argument(
+        "--names",
+        type=_choices(*names),
+        default=None,
+        help=f"recipes, comma-separated, of {','.join(names)} (a family name stands for all "
+        "its rows; default all)",
+    )
+    group.add_argument(
+        "--variants",
+        type=_choices(*VARIANTS),
+        default=None,
+        help=f"comma-separated, of {','.join(VARIANTS)} (default all)",
+    )
+    group.add_argument(
+        "--faults",
+        type=_choices(*FAULTS),
+        default=None,
+        help=f"comma-separated, of {','.join(FAULTS)} (default all; recipe_noclip then runs "
+        "healthy only)",
+    )
+
+
+def _run_recipes(args: argparse.Namespace) -> int:
+    from benchmarks.recipes import QUICK, RecipeConfig, run_recipes
+    from benchmarks.recipes_report import format_markdown, write_results
+
+    chosen: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for option, name in (("names", "recipes"), ("variants", "variants"), ("faults", "faults")):
+        if getattr(args, option) is not None:
+            chosen[name] = getattr(args, option)
+    result = run_recipes(RecipeConfig(**_shared(args, chosen)), progress=not args.no_progress)
+    result.command = "python -m stableopt " + shlex.join(args.argv)
+    written = write_results(result, args.out, "recipes-quick" if args.quick else "recipes")
     print(format_markdown(result))
     print(f"(wrote {', '.join(written)}; {result.seconds:.0f} s)")
     return 0
