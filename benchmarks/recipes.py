@@ -217,11 +217,11 @@ def variant_wrap(spec: RecipeSpec, variant: str) -> Wrap | None:
     """The wrapper hook of ``variant``: ``None`` (the recipe's optimizer) or a SafeOptimizer."""
     if not variant.startswith("safe_"):
         return None
-    clip: Any = spec.clip if variant == "safe_clip" else "zscore"
+    options: dict[str, Any] = {"clip": spec.clip} if variant == "safe_clip" else {}
 
     def wrap(inner: Optimizer) -> Optimizer:
         # Defaults; only the event buffer is made big enough to count every event.
-        return SafeOptimizer(inner, clip=clip, monitor=Monitor(max_events=1_000_000))
+        return SafeOptimizer(inner, monitor=Monitor(max_events=1_000_000), **options)
 
     return wrap
 

@@ -279,6 +279,7 @@ BASELINES: tuple[type[_Runner], ...] = (_Plain, _Clip, _ClipSkip, _ZClip, _AutoC
 PEERS: tuple[type[_Runner], ...] = (_Arc, _StabilityGuard)
 ABLATIONS: tuple[type[_Runner], ...] = (
     _safe_variant("safe-no_clip", clip=None),
+    _safe_variant("safe-zscore", clip="zscore"),
     _safe_variant("safe-no_spike", spike=None),
     _safe_variant("safe-no_emergency_lr", emergency_lr=None),
     _safe_variant("safe-no_hot_lr", hot_lr=None),

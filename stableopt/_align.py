@@ -29,7 +29,7 @@ from torch import Tensor, nn
 __all__ = ["CLASSES", "ELEMENTWISE", "ON_MISMATCH", "Aligned", "Mismatch", "align", "layout_of"]
 
 #: The accepted values of ``on_mismatch``.
-ON_MISMATCH = ("trim", "error", "ignore")
+ON_MISMATCH = ("trim", "expected", "error", "ignore")
 
 ELEMENTWISE = "elementwise"
 CLASSES = "classes"

@@ -69,7 +69,8 @@ class DeviceCount:
 
 
 class LossCounts:
-    """``nonfinite_losses``, ``size_mismatches`` and the events of one SafeLoss.
+    """``nonfinite_losses``, ``size_mismatches``, ``expected_mismatches`` and the events of
+    one SafeLoss.
 
     Linked to ``optimizer``, the counters are added to its monitor (present in
     ``opt.stats()`` from the start) and a step hook folds the device count after
@@ -82,6 +83,7 @@ class LossCounts:
         self._log = log
         self._nonfinite_folded = 0
         self._size_mismatches = 0
+        self._expected_mismatches = 0  # declared by on_mismatch="expected": only counted
         self._nonfinite_base = 0  # non-finite losses counted before a resume
         self._skips_seen = 0
         self._events: deque[Event] = deque(maxlen=_MAX_EVENTS)
@@ -97,15 +99,22 @@ class LossCounts:
         return {
             "nonfinite_losses": self._nonfinite_folded,
             "size_mismatches": self._size_mismatches,
+            "expected_mismatches": self._expected_mismatches,
         }
 
     def events(self) -> list[Event]:
         self._fold(self._nonfinite_base + self.nonfinite.read())
         return list(self._events)
 
-    def note_mismatch(self, mismatch: Mismatch) -> None:
+    def note_mismatch(self, mismatch: Mismatch, expected: bool = False) -> None:
         """Count a trimmed mismatch; an event at the 1st, 2nd, 4th, 8th, ... (outside any
-        compiled graph: see :func:`_compile_outside_graph`)."""
+        compiled graph: see :func:`_compile_outside_graph`). An ``expected`` one (the user
+        declared it) is only counted, in ``expected_mismatches``."""
+        if expected:
+            self._expected_mismatches += 1
+            if self.optimizer is not None:
+                self.optimizer.accounting.expected_mismatch()
+            return
         self._size_mismatches += 1
         count = self._size_mismatches
         told = count & (count - 1) == 0  # 1, 2, 4, 8, ...: a bounded log
@@ -135,6 +144,7 @@ class LossCounts:
         self._nonfinite_base = counter("nonfinite_losses") - self.nonfinite.read()
         self._nonfinite_folded = counter("nonfinite_losses")
         self._size_mismatches = counter("size_mismatches")
+        self._expected_mismatches = counter("expected_mismatches")
         self._skips_seen = counter("skipped_steps")
 
     def after_step(self) -> None:

@@ -10,13 +10,14 @@ the same object (``opt.accounting``): nothing else writes into the monitor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from stableopt.buffers import ModelBuffers
 from stableopt.escalation import Action
-from stableopt.messages import cause_text, skip_text
+from stableopt.messages import cause_text, event_text, skip_text
 from stableopt.monitor import Event, Monitor
 from stableopt.outcomes import AnyCause, Cause, EventKind, SkipReason
 from stableopt.restorer import Restored
@@ -61,11 +62,30 @@ class Accounting:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def accepted(self, verdict: StepVerdict) -> None:
-        """A step whose update is kept: counted, its clip counted, an emergency clip told."""
+    def accepted(self, verdict: StepVerdict, evidence: Evidence | None = None) -> None:
+        """A step whose update is kept: counted, its clip counted, an emergency clip and a
+        gradient-norm spike clipped to the spike guard's bound (``evidence``: its z) told."""
         self.monitor.count("good_steps")
         if verdict.is_clipped:
             self.monitor.count("total_clips")
+            if not (verdict.is_spike_clipped or verdict.is_emergency):  # those are events
+                data = {
+                    "grad_norm": verdict.grad_norm,
+                    "clip_threshold": float(verdict.clip_threshold or 0.0),
+                    "clip_coefficient": verdict.clip_coefficient,
+                }
+                if verdict.clip_threshold is None or not math.isfinite(verdict.clip_threshold):
+                    data = {"grad_norm": verdict.grad_norm}  # units rescaled in place (AGC)
+                self.monitor.note("clip", event_text(EventKind.CLIP, None, data, {}))
+        if verdict.is_spike_clipped:
+            self.monitor.count("spike_clips")
+            data = dict(evidence.data) if evidence is not None else {}
+            data |= {
+                "grad_norm": verdict.grad_norm,
+                "clip_threshold": float(verdict.clip_threshold or 0.0),
+                "clip_coefficient": verdict.clip_coefficient,
+            }
+            self.monitor.event(EventKind.CLIP, SkipReason.GRAD_NORM_SPIKE, data)
         if verdict.is_emergency:
             self.monitor.count("emergency_clips")
             self.monitor.event(
@@ -128,7 +148,10 @@ class Accounting:
             **data,
             "snapshot_step": float(restored.snapshot_step),
             "params": float(restored.params),
+            "undone": float(restored.undone),
         }
+        if restored.scope == "entries":
+            numbers["entries"] = float(restored.entries)
         if restored.buffers:
             numbers["buffers"] = 1.0
         return self.monitor.event(
@@ -254,7 +277,7 @@ class Accounting:
 
     def loss_counters(self) -> None:
         """Show SafeLoss's counters in ``stats()`` from the start (at 0)."""
-        for name in ("nonfinite_losses", "size_mismatches"):
+        for name in ("nonfinite_losses", "size_mismatches", "expected_mismatches"):
             self.monitor.count(name, 0)
 
     def nonfinite_losses(self, added: int, total: int, *, told: bool) -> Event | None:
@@ -275,7 +298,12 @@ class Accounting:
         self.monitor.count("size_mismatches")
         if not told:
             return None
-        return self.monitor.event(EventKind.SIZE_MISMATCH, None, data, labels)
+        # the loss is computed before its step() call: the event is the coming step's
+        return self.monitor.event(EventKind.SIZE_MISMATCH, None, data, labels, step=self.step + 1)
+
+    def expected_mismatch(self) -> None:
+        """One more length mismatch the user declared expected: counted, nothing else."""
+        self.monitor.count("expected_mismatches")
 
     def counter(self, name: str) -> int:
         """A counter's value (0 when absent)."""

@@ -225,8 +225,8 @@ def _record_clip(optimizer: SafeOptimizer, *_: Any, clips: list[Event]) -> None:
     verdict = optimizer.last_verdict
     if verdict is None or not (verdict.is_accepted and verdict.is_clipped):
         return
-    if verdict.is_emergency:
-        return  # an emergency_clip event says it already
+    if verdict.is_emergency or verdict.is_spike_clipped:
+        return  # an emergency_clip or clip event says it already
     threshold = verdict.clip_threshold
     data = {"grad_norm": verdict.grad_norm}
     if threshold is not None and math.isfinite(threshold) and verdict.clip_coefficient < 1.0:

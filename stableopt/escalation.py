@@ -43,7 +43,7 @@ from typing import Any
 
 from stableopt._checks import check_float, check_int
 from stableopt.messages import transition_text
-from stableopt.outcomes import Cause
+from stableopt.outcomes import Cause, SkipReason
 from stableopt.stages.base import StepNumbers
 from stableopt.verdict import StepVerdict
 
@@ -156,6 +156,7 @@ class Escalation:
         self.failed_restores = 0  # restores in a row that failed before the run recovered
         self.accepted_since_restore = 0
         self.spikes: list[StepNumbers] = []  # the spike skips of the current run of failures
+        self.loss_spikes = 0  # how many of them were loss spikes
 
     def next(self, verdict: StepVerdict) -> Transition:
         """The transition ``verdict`` makes (and the machine's new state)."""
@@ -167,7 +168,7 @@ class Escalation:
             return self._rollback(before, {"weights_failed": 1.0, **self._budget()})
         if verdict.is_accepted:
             self.consecutive_failures = 0
-            self.spikes.clear()
+            self._clear_spikes()
             after = State.HEALTHY
             if before is State.RECOVERING:
                 self.accepted_since_restore += 1
@@ -181,21 +182,16 @@ class Escalation:
             return self._stop(before, Cause.BUDGET_SPENT, self._budget())
         if verdict.is_spike:
             self.spikes.append(verdict.numbers)
+            self.loss_spikes += verdict.skip_reason is SkipReason.LOSS_SPIKE
         else:
-            self.spikes.clear()  # a non-finite step between spikes: not one level
+            self._clear_spikes()  # a non-finite step between spikes: not one level
         if len(self.spikes) >= self.relearn_after and self._is_one_level(self.spikes):
-            level = tuple(self.spikes)
-            self.spikes.clear()
+            level, loss_spikes = tuple(self.spikes), self.loss_spikes
+            self._clear_spikes()
             after = State.RECOVERING if before is State.RECOVERING else State.SKIPPING
+            data = {"spikes": float(len(level)), "loss_spikes": float(loss_spikes)}
             return self._move(
-                Transition(
-                    Action.RELEARN,
-                    before,
-                    after,
-                    Cause.SPIKES_AT_ONE_LEVEL,
-                    {"spikes": float(len(level))},
-                    level,
-                )
+                Transition(Action.RELEARN, before, after, Cause.SPIKES_AT_ONE_LEVEL, data, level)
             )
         if self.consecutive_failures % self.rollback_after == 0:
             return self._rollback(before, self._budget())
@@ -214,10 +210,14 @@ class Escalation:
         else:
             self.failed_restores = 0
         self.accepted_since_restore = 0
-        self.spikes.clear()
+        self._clear_spikes()
         return self._move(
             Transition(Action.ROLLBACK, before, State.RECOVERING, Cause.FAILED_STEPS, data)
         )
+
+    def _clear_spikes(self) -> None:
+        self.spikes.clear()
+        self.loss_spikes = 0
 
     def _budget(self) -> dict[str, float]:
         return {
@@ -260,6 +260,7 @@ class Escalation:
             "failed_restores": self.failed_restores,
             "accepted_since_restore": self.accepted_since_restore,
             "spikes": [[s.grad_norm, s.loss, s.is_accepted, s.step] for s in self.spikes],
+            "loss_spikes": self.loss_spikes,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -272,6 +273,7 @@ class Escalation:
             StepNumbers(float(g), None if loss is None else float(loss), bool(a), int(s))
             for g, loss, a, s in state_dict["spikes"]
         ]
+        self.loss_spikes = int(state_dict.get("loss_spikes", 0))  # absent: saved before it was
 
     def observe(self, numbers: StepNumbers) -> None:
         """Nothing: the machine takes whole verdicts through :meth:`next`."""

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stableopt._num import Num, is_within
+from stableopt._num import Num, clamp, is_within, where
 from stableopt.grad_norms import GradStats, read_host
 from stableopt.outcomes import SkipReason
 from stableopt.roles import EmergencyClipRole, SkipRule, SpikeRole
@@ -48,12 +48,17 @@ _CLIP_MARGIN = 1e-5
 
 
 class Bound(NamedTuple):
-    """A value above which ``signal`` (``"grad_norm"`` or ``"loss"``) trips ``name``."""
+    """A value above which ``signal`` (``"grad_norm"`` or ``"loss"``) trips ``name``
+    (``clip_to``: what a norm above it is clipped to, for a bound that clips)."""
 
     name: str
     signal: str
     value: float
+    clip_to: float | None = None
 
+
+#: The spike guard's bound of the gradient norm when a clip policy is on: a clip limit.
+_SPIKE_CLIP = "grad_norm_spike_clip"
 
 #: The prefix of a skip rule's bound name (``"rule:<name>"``).
 _RULE = "rule:"
@@ -114,7 +119,20 @@ class Gate:
             for signal in ("grad_norm", "loss"):
                 dtype = dtypes[signal]
                 bound = self.spike.bound(signal) if self.spike.watches(signal) else None
-                if bound is not None and dtype is not None:
+                if bound is None or dtype is None:
+                    continue
+                if signal == "grad_norm" and self.clip is not None:
+                    # with a clip policy on, a gradient-norm spike (the loss was ordinary)
+                    # is clipped back to the norm's level instead of skipped: an ordinary
+                    # step in its direction
+                    level = self.spike.level(signal)
+                    bounds.append(Bound(_SPIKE_CLIP, signal, _rounded(bound, dtype), level))
+                    # far above its level, the norm is no noisy batch but a broken one:
+                    # skipped
+                    far = self.spike.skip_bound(signal)
+                    if far is not None and math.isfinite(far):
+                        bounds.append(Bound(f"{signal}_spike", signal, _rounded(far, dtype)))
+                else:
                     bounds.append(Bound(f"{signal}_spike", signal, _rounded(bound, dtype)))
             if norm_stats:  # the growth is measured against its own bound: 1
                 bounds.append(Bound("norm_stats_spike", "norm_stats", 1.0))
@@ -162,14 +180,38 @@ class Gate:
             is_ok = is_ok & (norm_stats <= _limit(bounds, "norm_stats", torch.float32))
         return is_ok
 
-    def max_norm(self, grad_norm: Num) -> Num | None:
-        """The max total norm of this step: the policy's, emergency rule applied (``None``: off)."""
+    def max_norm(self, grad_norm: Num, bounds: Sequence[Bound] = ()) -> Num | None:
+        """The max total norm of this step: the policy's, emergency rule applied, and, for a
+        norm above the spike guard's bound, at most the norm's level (``None``: clipping is
+        off)."""
         if self.clip is None:
             return None
         max_norm = self.clip.max_norm(grad_norm)
         if self.emergency_clip is not None:
             max_norm = self.emergency_clip.limit(max_norm, grad_norm)
+        for bound in bounds:
+            if bound.name == _SPIKE_CLIP and bound.clip_to is not None:
+                level = bound.clip_to
+                max_norm = where(grad_norm > bound.value, clamp(max_norm, high=level), max_norm)
         return max_norm
+
+    def clips_above(self) -> float | None:
+        """The norm above which the next step is clipped (``None``: clipping is off; ``inf``:
+        nothing clips yet): the lowest of the policy's own level (its optional
+        ``clips_above()``: ZClip's), the spike guard's bound and the emergency threshold."""
+        if self.clip is None:
+            return None
+        levels = [math.inf]
+        own = getattr(self.clip, "clips_above", None)  # an optional member of a clip policy
+        if own is not None:
+            levels.append(float(own()))
+        if self.spike is not None and self.spike.watches("grad_norm"):
+            bound = self.spike.bound("grad_norm")
+            if bound is not None:
+                levels.append(bound)
+        if self.emergency_clip is not None and self.emergency_clip.threshold is not None:
+            levels.append(self.emergency_clip.threshold)
+        return min(levels)
 
     # -- read, then decide -------------------------------------------------------------
 
@@ -199,7 +241,7 @@ class Gate:
         bounds = self.bounds(norm_dtype, loss_dtype, norm_stats is not None)
         is_ok = bool(self.passes(grad_norm, loss, bounds, norm_dtype, loss_dtype, norm_stats))
         is_ok = is_ok and not host.get("amp_overflow", False)
-        max_norm = self.max_norm(grad_norm)
+        max_norm = self.max_norm(grad_norm, bounds)
         coefficient, value = None, 1.0
         if (
             is_ok
@@ -259,7 +301,7 @@ class Gate:
             numbers["loss"] = stats.loss
         if norm_stats is not None:
             numbers["norm_stats"] = norm_stats
-        max_norm = self.max_norm(grad_norm)
+        max_norm = self.max_norm(grad_norm, bounds)
         coefficient = None
         if max_norm is not None:
             coefficient = clip_coefficient(max_norm, grad_norm)
@@ -331,6 +373,7 @@ def _verdict(
         clip_coefficient=clip_coefficient,
         is_clipped=is_accepted and (clip_coefficient < 1.0 or clipped_in_place),
         is_emergency=is_accepted and "emergency_clip" in crossed,
+        is_spike_clipped=is_accepted and _SPIKE_CLIP in crossed,
         weights_ok=weights_ok,
         rule=rule,
     )

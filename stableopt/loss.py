@@ -121,9 +121,12 @@ class SafeLoss(nn.Module):
             ``nonfinite_losses`` and ``size_mismatches`` also appear in
             ``optimizer.stats()`` and the events in ``optimizer.events()``.
         on_mismatch: ``"trim"`` (default: trim a time-dim mismatch, raise on any
-            other difference), ``"error"`` (a time-dim mismatch raises
-            ``ValueError`` too) or ``"ignore"`` (no shape check at all: for losses
-            with their own shape contract, such as broadcasting).
+            other difference), ``"expected"`` (trim it as ``"trim"`` does, for lengths
+            that differ by design, such as two decoders of different reduction factors:
+            only counted, in ``expected_mismatches``, with no event, log line or
+            recommendation), ``"error"`` (a time-dim mismatch raises ``ValueError``
+            too) or ``"ignore"`` (no shape check at all: for losses with their own
+            shape contract, such as broadcasting).
         time_dim: the time dim of ``pred``, the one dim that may be trimmed and
             that ``lengths`` masks (negative counts from the end; neither the
             batch nor the class dim). Default ``None``: the last dim for a known
@@ -144,7 +147,7 @@ class SafeLoss(nn.Module):
         >>> loss_fn(model(torch.randn(8, 4)), torch.randn(8, 2)).backward()
         >>> opt.step()
         >>> loss_fn.stats()
-        {'nonfinite_losses': 0, 'size_mismatches': 0}
+        {'nonfinite_losses': 0, 'size_mismatches': 0, 'expected_mismatches': 0}
     """
 
     def __init__(
@@ -222,7 +225,7 @@ class SafeLoss(nn.Module):
                 name=_name(self.loss),
             )
             if aligned.mismatch is not None:
-                self._counts.note_mismatch(aligned.mismatch)
+                self._counts.note_mismatch(aligned.mismatch, self.on_mismatch == "expected")
             args = (aligned.pred, aligned.target, *args[2:])
         if lengths is not None:
             if aligned is None:
@@ -317,8 +320,9 @@ class ConsistencyLoss(SafeLoss):
             last dim); anything :class:`SafeLoss` accepts.
         optimizer: the :class:`~stableopt.SafeOptimizer` to report to (default
             ``None``: standalone), as in :class:`SafeLoss`.
-        on_mismatch: ``"trim"`` (default), ``"error"`` or ``"ignore"``, as in
-            :class:`SafeLoss`.
+        on_mismatch: ``"trim"`` (default), ``"expected"`` (the two outputs' lengths
+            differ by design: trimmed and only counted, in ``expected_mismatches``),
+            ``"error"`` or ``"ignore"``, as in :class:`SafeLoss`.
         time_dim: the time dim (default ``None``: the layout's), as in :class:`SafeLoss`.
         observe: report to ``optimizer.observe_loss`` (default ``True``).
     """

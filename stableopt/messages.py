@@ -17,6 +17,7 @@ from typing import Any
 from stableopt.outcomes import AnyCause, Cause, EventKind, SkipReason
 
 __all__ = [
+    "weights_text",
     "cause_text",
     "divergence_text",
     "event_text",
@@ -81,17 +82,13 @@ def prefixed(data: Data, prefix: str) -> dict[str, float]:
 def cause_text(cause: AnyCause | None, data: Data, labels: Labels = {}) -> str:  # noqa: B006
     """A rollback's, an LR cut's or a stop's cause, in words."""
     grad_norm = data.get("grad_norm", math.nan)
+    norm = f" (gradient norm {grad_norm:.4g})" if "grad_norm" in data else ""
     if cause is Cause.UPDATE_WROTE_NONFINITE:
-        return f"the update left non-finite weights (gradient norm {grad_norm:.4g})"
+        return f"the update left non-finite weights{norm}"
     if cause is Cause.NONFINITE_BETWEEN_STEPS:
-        return (
-            "non-finite weights appeared between steps (no update wrote them) "
-            f"(gradient norm {grad_norm:.4g})"
-        )
+        return f"non-finite weights appeared between steps (no update wrote them){norm}"
     if cause is Cause.NONFINITE_FOUND_LATE:
-        return (
-            f"non-finite weights found (left by an earlier update) (gradient norm {grad_norm:.4g})"
-        )
+        return f"non-finite weights found (left by an earlier update){norm}"
     if cause is Cause.NONFINITE_AT_SNAPSHOT:
         return "non-finite weights found when taking a snapshot"
     if cause is Cause.FAILED_STEPS:
@@ -158,9 +155,10 @@ def restore_text(data: Data, labels: Labels = {}) -> str:  # noqa: B006
     params = int(data.get("params", 0))
     scope = labels.get("scope", "all")
     if scope == "entries":
+        entries = f"{int(data['entries'])} " if "entries" in data else ""
         return (
-            f"the non-finite entries of {params} parameter(s) and of their state restored "
-            f"from {snapshot}; every finite value kept"
+            f"the {entries}non-finite entries of {params} parameter(s) and of their state "
+            f"restored from {snapshot}; every finite value kept"
         )
     if scope == "corrupted":
         return (
@@ -286,6 +284,13 @@ def event_text(kind: str, cause: AnyCause | None, data: Data, labels: Labels) ->
             f"({int(data.get('size_mismatches', 0))} mismatches so far; reported at the 1st, "
             "2nd, 4th, 8th, ...)"
         )
+    if kind == EventKind.CLIP and cause is SkipReason.GRAD_NORM_SPIKE:
+        return (
+            f"gradient-norm spike ({data.get('grad_norm', math.nan):.4g}, {_spike_evidence(data)}) "
+            "with an ordinary loss: clipped to "
+            f"{data.get('clip_threshold', math.nan):.4g} (scaled by "
+            f"{data.get('clip_coefficient', math.nan):.3g}) instead of skipped"
+        )
     if kind == EventKind.CLIP:
         if "clip_coefficient" in data:
             return (
@@ -320,16 +325,26 @@ def _buffers_text(cause: AnyCause | None, data: Data, labels: Labels) -> str:
     )
 
 
-def divergence_text(
-    why: str, weights_are_good: bool, counters: Mapping[str, object], events: Sequence[Any]
+def weights_text(
+    weights_are_good: bool, snapshot_step: int | None = None, undone: int = 0, last_good: int = 0
 ) -> str:
-    """The message of a :class:`~stableopt.DivergenceError`: why, what the weights are, the
-    ``counters`` and the last ``events``."""
-    weights = (
-        "The weights are the last good ones."
-        if weights_are_good
-        else "The weights hold NaN/Inf values: there was no snapshot to restore them from."
-    )
+    """What the weights are when a run stops: those after the last good step, those of a
+    snapshot (``snapshot_step``: how many good updates were undone), or NaN/Inf ones."""
+    if not weights_are_good:
+        return "The weights hold NaN/Inf values: there was no snapshot to restore them from."
+    if snapshot_step is not None:
+        return (
+            f"The weights are those of the snapshot of step {snapshot_step}: {undone} good "
+            f"update(s) after it were undone (the last good step was step {last_good})."
+        )
+    return f"The weights are those after the last good step (step {last_good})."
+
+
+def divergence_text(
+    why: str, weights: str, counters: Mapping[str, object], events: Sequence[Any]
+) -> str:
+    """The message of a :class:`~stableopt.DivergenceError`: why, what the ``weights`` are
+    (:func:`weights_text`), the ``counters`` and the last ``events``."""
     counted = ", ".join(f"{k}={v}" for k, v in counters.items())
     recent = "; ".join(f"step {e.step} {e.kind}: {e.reason}" for e in events[-5:])
     return f"stableopt: {why}. {weights} Counters: {counted}. Last events: {recent}"

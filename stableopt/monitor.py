@@ -119,6 +119,7 @@ class Monitor:
         "new_levels",
         "total_clips",
         "emergency_clips",
+        "spike_clips",
         "lr_changes",
         "transient_faults",
         "data_faults",
@@ -169,14 +170,16 @@ class Monitor:
         cause: AnyCause | None = None,
         data: Mapping[str, float] | None = None,
         labels: Mapping[str, str] | None = None,
+        step: int | None = None,
     ) -> Event:
-        """Record an event at the current step, its reason rendered from ``kind``, ``cause``,
+        """Record an event at the current step (or at ``step``: the coming one, for what
+        happens before its ``step()`` call), its reason rendered from ``kind``, ``cause``,
         ``data`` and ``labels`` (:func:`stableopt.messages.event_text`), and log it
         (rate-limited per kind)."""
         numbers, names = dict(data or {}), dict(labels or {})
         kind = kind.value if isinstance(kind, Enum) else str(kind)  # a plain string to keep
         event = Event(
-            self.counters["steps"],
+            self.counters["steps"] if step is None else step,
             kind,
             event_text(kind, cause, numbers, names),
             numbers,
@@ -202,6 +205,22 @@ class Monitor:
         for sink in self.sinks:
             self._call(sink, "on_event", event)
         return event
+
+    def note(self, kind: str, text: str) -> None:
+        """Log ``text`` under ``kind`` at the current step, rate-limited like the events of a
+        kind (the first 5, then every 100th), without keeping an event: for what is too
+        common to be one (a clipped step)."""
+        seen = self._kind_counts.get(kind, 0) + 1
+        self._kind_counts[kind] = seen
+        if seen <= _LOG_FIRST or seen % _LOG_EVERY == 0:
+            suffix = f" ({seen} {kind} so far)" if seen > _LOG_FIRST else ""
+            log.warning("step %d: %s: %s%s", self.counters["steps"], kind, text, suffix)
+        if seen == _LOG_FIRST:
+            log.warning(
+                "%s: further ones are logged only every %dth; all are counted in stats()",
+                kind,
+                _LOG_EVERY,
+            )
 
     def end_step(self, metrics: Callable[[], Mapping[str, Any]]) -> None:
         """After a step: every ``every_steps`` steps, give the sinks ``metrics()``.

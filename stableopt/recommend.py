@@ -18,9 +18,13 @@ kind                fires when (defaults)                         advice
 ``rollback``        >= 1 rollback                                 by its cause: the update's numerics (eps,
                                                                   fp16), kernels, hardware; or the batches of
                                                                   the failed steps
-``spikes``          >= 3 spike skips that did not start a new     look at the batches of those steps (isolated
-                    level                                         spikes are bad batches); lower the LR
-``new_level``       >= 1 ``new_level`` event                      if the change was not intended, check what
+``spikes``          >= 3 spike skips that did not start a new     look at the batches of the isolated spikes at a
+                    level                                         value the run never reached again (the
+                                                                  evidence of bad batches); a level the run
+                                                                  reached is not the data; runs of failures:
+                                                                  lower the LR
+``new_level``       >= 1 ``new_level`` event                      a level that lasted is a change of the training
+                                                                  (not the data): if not intended, check what
                                                                   changed there; a level that did not last
                                                                   was a burst of bad batches
 ``plateau``         >= 1 plateau reduction (``plateau`` events;   decay the LR earlier or lengthen patience
@@ -116,7 +120,7 @@ def recommend(
         _hot_lr(stats, events, lrs),
         _data_fault(events),
         _transient(stats, events),
-        _spikes(stats, events, levels, min_spike_skips),
+        _spikes(stats, events, levels, min_spike_skips, level_ratio),
         _new_level(stats, levels, level_ratio),
         _plateau(stats, events, lrs),
     )
@@ -383,21 +387,47 @@ def _rollback(stats: Mapping[str, Any], events: Sequence[Event]) -> Recommendati
     weights = [e for e in recent if _cause(e) == "weights"]
     failures = [e for e in recent if _cause(e) == "failures"]
     hot = [e for e in recent if _cause(e) == "hot"]
-    lost = _steps_undone(recent)
+    full = [e for e in recent if e.labels.get("scope", "all") == "all"]
+    entry_wise = [e for e in recent if e.labels.get("scope") == "entries"]
+    whole = [e for e in recent if e.labels.get("scope") == "corrupted"]
+    lost = _steps_undone(full)
+    entries = sum(int(e.data.get("entries", 0)) for e in entry_wise)
     evidence = {
         "rollbacks": float(rollbacks),
         "weight_rollbacks": float(len(weights)),
         "failure_rollbacks": float(len(failures)),
         "hot_lr_rollbacks": float(len(hot)),
+        "full_restores": float(len(full)),
+        "entry_restores": float(len(entry_wise)),
+        "entries_restored": float(entries),
+        "parameter_restores": float(len(whole)),
     }
-    steps_lost = ""
-    if lost:
-        evidence["steps_lost"] = float(sum(lost))
-        steps_lost = f"; {sum(lost):.0f} steps of training undone"
-    message = (
-        f"The weights and optimizer state were restored to the last snapshot {rollbacks} "
-        f"time(s) (steps {_steps(recent)}{steps_lost}):"
-    )
+    told = []
+    if full:
+        undone = ""
+        if lost:
+            evidence["steps_lost"] = float(sum(lost))
+            undone = f"; {sum(lost):.0f} steps of training undone"
+        told.append(
+            f"the weights and optimizer state went back to the last snapshot {len(full)} "
+            f"time(s) (steps {_steps(full)}{undone})"
+        )
+    if entry_wise:
+        params = sum(int(e.data.get("params", 0)) for e in entry_wise)
+        told.append(
+            f"the NaN/Inf entries of the weights and state ({entries} entries of {params} "
+            f"parameter(s) in all) were put back from the snapshot {len(entry_wise)} time(s) "
+            f"(steps {_steps(entry_wise)}); every finite value was kept, so nothing of the "
+            "training was undone"
+        )
+    if whole:
+        undone_whole = sum(int(e.data.get("undone", 0)) for e in whole)
+        told.append(
+            f"the corrupted parameters went back to the snapshot whole {len(whole)} time(s) "
+            f"(steps {_steps(whole)}; their last {undone_whole} update(s) undone in all)"
+        )
+    message = f"Restores: {'; '.join(told) if told else f'{rollbacks} (not in the recent events)'}."
+    message += " By cause:"
     causes = []
     if weights:
         causes.append(
@@ -443,6 +473,7 @@ def _spikes(
     events: Sequence[Event],
     levels: Sequence[tuple[Event, list[Event]]],
     min_spike_skips: int,
+    level_ratio: float,
 ) -> Recommendation | None:
     spikes = int(stats.get("spike_skips", 0))
     in_levels = {id(e) for _, level in levels for e in level}
@@ -452,36 +483,44 @@ def _spikes(
     recent = [e for e in _spike_skips(events) if id(e) not in in_levels]
     failed = {e.step for e in events if e.kind in (EventKind.SKIP, EventKind.ROLLBACK)}
     isolated = [e for e in recent if e.step - 1 not in failed and e.step + 1 not in failed]
+    # a spike the run has since reached (the last value of its signal within level_ratio
+    # of it) was an early sight of the run's level, not a bad batch
+    reached = [e for e in recent if _reached(e, stats, level_ratio)]
+    alone = [e for e in isolated if e not in reached]  # the evidence of bad batches
     steps = int(stats.get("steps", 0))
     evidence = {
         "spike_skips": float(spikes),
         "level_spikes": float(len(in_levels)),
         "other_spikes": float(others),
         "isolated_spikes": float(len(isolated)),
+        "reached_spikes": float(len(reached)),
+        "bad_batch_spikes": float(len(alone)),
         "steps": float(steps),
     }
-    if recent and len(isolated) == len(recent):
-        alone = "each alone between healthy steps"
-    elif isolated:
-        alone = f"{len(isolated)} of them alone between healthy steps"
-    else:
-        alone = "none alone between healthy steps"
     rate = f"; 1 in {steps / others:.0f} steps" if steps >= others else ""
     message = (
-        f"{others} step(s) were skipped as loss or gradient-norm spikes that did not become "
-        f"a new level (steps {_steps(recent)}; {alone}{rate})."
+        f"{others} step(s) were skipped as spikes that did not become a new level (steps "
+        f"{_steps(recent)}{rate})."
     )
-    if isolated and 2 * len(isolated) >= len(recent):
+    if alone:
         message += (
-            " A spike that comes alone and does not recur at its level is a bad batch or a "
-            "data issue, not a change of the run: the guard kept it out of the weights."
+            f" {len(alone)} of them came alone between healthy steps at a value the run has "
+            f"not reached since (steps {_steps(alone)}): that is what a bad batch looks like "
+            "(mislabelled or corrupt samples, a shard of another distribution, a data-loader "
+            "bug): look at those batches; the guard kept them out of the weights."
         )
-    message += (
-        " Look at the batches of those steps (mislabelled or corrupt samples, a shard of "
-        "another distribution, a data-loader bug); if the loss jumps on ordinary batches, "
-        "the training itself is unstable: lower the learning rate. To train on such batches "
-        "anyway, raise SpikeGuard(z_threshold=...)."
-    )
+    if reached:
+        message += (
+            f" {len(reached)} were at a level the run has since reached (steps "
+            f"{_steps(reached)}): not bad batches but the run moving up early; if skipping "
+            "them costs progress, raise SpikeGuard(z_threshold=...)."
+        )
+    if len(recent) > len(isolated):
+        message += (
+            f" {len(recent) - len(isolated)} came next to other failing steps: if the loss "
+            "jumps on ordinary batches, the training itself is unstable: lower the learning "
+            "rate or warm up for longer."
+        )
     if levels:
         level = levels[-1][1]
         message += (
@@ -489,6 +528,15 @@ def _spikes(
             f"the new level after {len(level)} spikes at steps {_steps(level)}; see new_level.)"
         )
     return Recommendation("spikes", message, evidence)
+
+
+def _reached(event: Event, stats: Mapping[str, Any], level_ratio: float) -> bool:
+    """Whether the run's last value of the spike's signal is within ``level_ratio`` of it."""
+    signal = "loss" if _failed_for(event) is SkipReason.LOSS_SPIKE else "grad_norm"
+    value, last = event.data.get(signal), stats.get(signal)
+    if value is None or last is None or not (math.isfinite(value) and value > 0):
+        return False
+    return math.isfinite(float(last)) and float(last) * level_ratio >= value
 
 
 def _new_level(
@@ -526,7 +574,10 @@ def _new_level(
     ratio = last / norm if norm > 0 else math.nan
     if math.isfinite(ratio):
         evidence |= {"grad_norm": last, "ratio_to_level": ratio}
-    if math.isfinite(ratio) and ratio < 1.0 / level_ratio:
+    lasted = not (math.isfinite(ratio) and ratio < 1.0 / level_ratio)
+    evidence["lasted"] = float(lasted)
+    if not lasted:
+        # the evidence that points at the data: the level did not last
         message += (
             f" The gradient norm has since fallen back far below it (last {last:.3g}, "
             f"{ratio:.2g}x the level): it was a burst of bad batches, not a lasting change, "
@@ -535,11 +586,12 @@ def _new_level(
         )
         return Recommendation("new_level", message, evidence)
     if math.isfinite(ratio):
-        message += f" It is still there (last gradient norm {last:.3g})."
+        message += f" It is still there (last gradient norm {last:.3g}): the run's new normal."
     message += (
-        " If that was intended (a loss weight, a curriculum stage, an unfrozen block), "
-        f"nothing needs changing; if not, check what changed at step {first}: the data (a "
-        "shard of another scale, unnormalised targets), the loss and its weights, the model."
+        " A level that lasts is a change of the training, not of a few batches: a loss "
+        "weight, a curriculum stage, an unfrozen block, the LR schedule, or the norm growing as "
+        "the model trains. If it was not intended, look at what changed in the training "
+        f"set-up at step {first}."
     )
     return Recommendation("new_level", message, evidence)
 

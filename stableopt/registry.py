@@ -27,7 +27,7 @@ from stableopt.roles import (
 )
 from stableopt.stages.agc import AGCClip
 from stableopt.stages.base import ClipPolicy
-from stableopt.stages.clip import FixedClip
+from stableopt.stages.clip import FixedClip, OutlierClip
 from stableopt.stages.percentile import PercentileClip
 from stableopt.stages.zscore import ZScoreClip
 
@@ -44,13 +44,14 @@ __all__ = [
 CLIP_POLICIES: MappingProxyType[str, Callable[[], ClipPolicy]] = MappingProxyType(
     {
         "agc": AGCClip,
+        "outlier": OutlierClip,
         "percentile": PercentileClip,
         "zscore": ZScoreClip,
     }
 )
 
 _ACCEPTED = (
-    f"one of {sorted(CLIP_POLICIES)}, a finite positive number (a fixed max norm), a clip "
+    f"'auto' (the default) or one of {sorted(CLIP_POLICIES)}, a finite positive number (a fixed max norm), a clip "
     "policy (an object with name, max_norm, observe, state_dict and load_state_dict) or None"
 )
 

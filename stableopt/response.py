@@ -13,6 +13,7 @@ host from the verdict's numbers: no sync of its own.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from stableopt.accounting import Accounting, Evidence
@@ -21,7 +22,7 @@ from stableopt.errors import DivergenceError
 from stableopt.escalation import Action, Transition
 from stableopt.evidence import skip_evidence
 from stableopt.lr_control import LRControl
-from stableopt.messages import divergence_text
+from stableopt.messages import divergence_text, weights_text
 from stableopt.monitor import Monitor
 from stableopt.outcomes import AnyCause, Cause, EventKind, SkipReason
 from stableopt.restorer import Restorer
@@ -60,6 +61,10 @@ class Response:
         self._restored: tuple[AnyCause, Mapping[str, float], dict[str, str]] | None = None
         self._restored_all = False  # this step restored the whole snapshot, buffers included
         self._reproduced = False  # this step's failure was re-run and reproduced
+        #: a known cause of failures of this setup, said with a DivergenceError
+        self.hint = ""
+        self._restored_to: int | None = None  # the snapshot the weights are, since a restore
+        self._last_good = 0  # the last step whose update was kept
 
     @property
     def last_outcome(self) -> StepOutcome | None:
@@ -100,6 +105,8 @@ class Response:
     def evidence(self, verdict: StepVerdict) -> Evidence:
         """Why ``verdict``'s step failed, as data (empty for an accepted one)."""
         if verdict.is_accepted and verdict.weights_ok is not False:
+            if verdict.is_spike_clipped and self.slots.spike is not None:
+                return Evidence(None, self.slots.spike.evidence("grad_norm", verdict.grad_norm))
             return Evidence(None)
         slots = self.slots
         return skip_evidence(
@@ -110,8 +117,18 @@ class Response:
         self, verdict: StepVerdict, evidence: Evidence, tag: Any, checked_after: bool
     ) -> None:
         slots, accounting = self.slots, self.accounting
-        for stage in slots.observers():
-            stage.observe(verdict.numbers)
+        numbers = verdict.numbers
+        if verdict.is_spike_clipped and verdict.clip_threshold is not None:
+            # a spike clipped to the bound is seen at the bound by the histories that judge
+            # by norms (as ZClip feeds its own clipped spikes): a spike never makes the
+            # yardstick; the spike guard takes the norm itself (it keeps it out, and tells a
+            # new level from a few of them)
+            clipped = replace(numbers, grad_norm=min(numbers.grad_norm, verdict.clip_threshold))
+            for stage in slots.observers():
+                stage.observe(numbers if stage is slots.spike else clipped)
+        else:
+            for stage in slots.observers():
+                stage.observe(numbers)
         for change in self.lr.observe(verdict.numbers):  # the factors of your LR policies
             accounting.lr_changed(change)
         if verdict.skip_reason is SkipReason.AMP_OVERFLOW and verdict.weights_ok is not False:
@@ -128,7 +145,7 @@ class Response:
             hot = slots.hot_lr.update(verdict.loss, self._maximize) if slots.hot_lr else None
             hot_cut = hot is not None and hot.kind == EventKind.LR_CUT
             climbing = slots.hot_lr is not None and (slots.hot_lr.is_elevated or hot_cut)
-            accounting.accepted(verdict)
+            accounting.accepted(verdict, evidence)
             verified = verdict.weights_ok is True and not checked_after  # lazy checked all
             good = accounting.counter("good_steps")
             bad = self.restorer.after_good_step(accounting.step, good, verified, climbing)
@@ -159,6 +176,8 @@ class Response:
         for lr_change in changes:
             accounting.lr_changed(lr_change)
         accounting.finished(action, verdict, slots.escalation.consecutive_failures)
+        if action is Action.ACCEPT:  # the weights are this step's
+            self._restored_to, self._last_good = None, verdict.step
         self._outcome(verdict, _STATUS.get(action, "skipped"), evidence)  # type: ignore[arg-type]
 
     def _rollback(
@@ -235,16 +254,23 @@ class Response:
                 rebase(transition.new_level)
         if slots.plateau is not None:
             slots.plateau.restart()
-        if slots.hot_lr is not None:
+        if slots.hot_lr is not None and transition.data.get("loss_spikes", 0.0) > 0:
+            # the loss itself has a new scale (a re-weighting): the next losses are the new
+            # start of the hot-LR watch; a new level of the gradient norm alone is not one
             slots.hot_lr.rebase()
         if self.buffers is not None:
             self.buffers.accept_level()
         norms = sorted(n.grad_norm for n in transition.new_level)
         self.accounting.new_level(len(norms), float(norms[len(norms) // 2]))
 
+    def restore_between_steps(self, bad: tuple[int, ...]) -> None:
+        """Restore the parameters ``bad``, found non-finite before a step that is the first
+        on a changed parameter set, from the snapshot (a corruption from outside: no cut)."""
+        self._restore(Cause.NONFINITE_BETWEEN_STEPS, {}, only=bad)
+
     def take_snapshot(self, step: int, verified: bool = False) -> tuple[int, ...]:
         """Snapshot the weights, state, buffers and judging histories (:mod:`stableopt.restorer`)."""
-        return self.restorer.take(step, verified)
+        return self.restorer.take(step, verified, self.accounting.counter("good_steps"))
 
     def _restore(
         self,
@@ -258,8 +284,13 @@ class Response:
         self._restored = (cause, data, dict(labels or {}))
         if not self.restorer.has_snapshot:
             self.stop(cause, data, labels, weights_are_good=False)
-        restored = self.restorer.restore_corrupted(only) if only else self.restorer.restore_all()
+        good = self.accounting.counter("good_steps")
+        restored = (
+            self.restorer.restore_corrupted(only, good) if only else self.restorer.restore_all(good)
+        )
         self._restored_all = restored.scope == "all"
+        if self._restored_all:
+            self._restored_to = restored.snapshot_step
         self.accounting.rolled_back(cause, data, labels or {}, restored)
 
     def stop(
@@ -275,6 +306,12 @@ class Response:
         stats = self._stats()
         events = self.accounting.monitor.events()
         counters = {k: v for k, v in stats.items() if k in Monitor.COUNTERS}
-        raise DivergenceError(
-            divergence_text(event.reason, weights_are_good, counters, events), stats, events
-        )
+        if self._restored_to is not None and weights_are_good:
+            undone = self.accounting.counter("good_steps") - self.restorer.snapshot_good_steps
+            weights = weights_text(True, self._restored_to, undone, self._last_good)
+        else:
+            weights = weights_text(weights_are_good, last_good=self._last_good)
+        message = divergence_text(event.reason, weights, counters, events)
+        if self.hint:
+            message += f" A likely cause: {self.hint}."
+        raise DivergenceError(message, stats, events)

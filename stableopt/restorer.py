@@ -34,12 +34,17 @@ class Restored:
         params: how many parameters (all of them for ``"all"``).
         snapshot_step: the step the snapshot was taken at.
         buffers: the model's buffers went back with them.
+        entries: for ``"entries"``, how many NaN/Inf entries (weights and state) were put back.
+        undone: the good updates the restore undid (0 for ``"entries"``: every finite value
+            stays), counted from the snapshot.
     """
 
     scope: str
     params: int
     snapshot_step: int
     buffers: bool
+    entries: int = 0
+    undone: int = 0
 
 
 class Restorer:
@@ -66,6 +71,11 @@ class Restorer:
         #: the judging stages' state at the snapshot
         self.stage_states: dict[str, Any] = {}
         self._pending = False  # a snapshot came due while the loss was elevated
+        #: good steps done when the snapshot was taken (what a restore undoes is counted from it)
+        self.snapshot_good_steps = 0
+        #: how many parameters the snapshot holds (the first ones in ``param_groups`` order;
+        #: groups added since are not in it)
+        self.snapshot_params = 0
 
     @property
     def has_snapshot(self) -> bool:
@@ -95,42 +105,58 @@ class Restorer:
             self._pending = True
             return ()
         self._pending = False
-        return self.take(step, verified)
+        return self.take(step, verified, good_steps)
 
-    def take(self, step: int, verified: bool = False) -> tuple[int, ...]:
-        """Snapshot the weights, the optimizer state, the buffers and the judging histories;
-        return the parameters found non-finite (then nothing is taken)."""
+    def take(self, step: int, verified: bool = False, good_steps: int = 0) -> tuple[int, ...]:
+        """Snapshot the weights, the optimizer state, the buffers and the judging histories
+        (after ``good_steps`` good steps); return the parameters found non-finite (then
+        nothing is taken)."""
         assert self.rollback is not None
         bad = self.rollback.take(self.optimizer, step, verified, buffers=self._buffers())
         if not bad:
+            self.snapshot_good_steps = good_steps
+            self.snapshot_params = self._param_count()
             self.stage_states = {
                 name: copy.deepcopy(stage.state_dict()) for name, stage in self.judging.items()
             }
         return bad
 
-    def restore_all(self) -> Restored:
-        """Everything back to the snapshot, the judging histories included."""
+    def restore_all(self, good_steps: int = 0) -> Restored:
+        """Everything back to the snapshot, the judging histories included (``good_steps``:
+        done so far, to count what is undone)."""
         assert self.rollback is not None
         buffers = self._buffers()
         self.rollback.restore(self.optimizer, buffers=buffers)
         self._restore_histories()
-        return Restored("all", self._param_count(), self.snapshot_step, bool(buffers))
+        undone = max(0, good_steps - self.snapshot_good_steps)
+        return Restored("all", self.snapshot_params, self.snapshot_step, bool(buffers), 0, undone)
 
-    def restore_corrupted(self, only: tuple[int, ...]) -> Restored:
+    def restore_corrupted(self, only: tuple[int, ...], good_steps: int = 0) -> Restored:
         """What the parameters ``only`` hold of NaN/Inf, as the rollback's scope says."""
         assert self.rollback is not None
         buffers = self._buffers()
-        scope = self.rollback.restore_corrupted(self.optimizer, only, buffers=buffers)
+        scope, entries = self.rollback.restore_corrupted(self.optimizer, only, buffers=buffers)
+        undone = max(0, good_steps - self.snapshot_good_steps)
         if scope == "all":
             self._restore_histories()
-            return Restored("all", self._param_count(), self.snapshot_step, bool(buffers))
-        return Restored(scope, len(only), self.snapshot_step, False)
+            count = self.snapshot_params
+            return Restored("all", count, self.snapshot_step, bool(buffers), 0, undone)
+        # "corrupted": those parameters lose what they learnt since; "entries": nothing
+        return Restored(
+            scope,
+            len(only),
+            self.snapshot_step,
+            False,
+            entries,
+            undone if scope == "corrupted" else 0,
+        )
 
     def invalidate(self) -> None:
         """Forget the snapshot (the parameter set or the state changed under it)."""
         if self.rollback is not None:
             self.rollback.invalidate()
         self.stage_states = {}
+        self.snapshot_params = 0
 
     def _restore_histories(self) -> None:
         for name, stage in self.judging.items():
@@ -147,8 +173,15 @@ class Restorer:
 
     def state_dict(self, with_snapshot: bool) -> dict[str, Any]:
         """The judging histories at the snapshot, when the snapshot itself is saved."""
-        return {"stage_states": copy.deepcopy(self.stage_states)} if with_snapshot else {}
+        if not with_snapshot:
+            return {}
+        return {
+            "stage_states": copy.deepcopy(self.stage_states),
+            "snapshot_good_steps": self.snapshot_good_steps,
+        }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.stage_states = copy.deepcopy(dict(state_dict.get("stage_states", {})))
+        self.snapshot_good_steps = int(state_dict.get("snapshot_good_steps", 0))
+        self.snapshot_params = self._param_count() if self.has_snapshot else 0

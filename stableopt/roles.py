@@ -81,6 +81,16 @@ class SpikeRole(SkipRule, Protocol):
         ``ratio``, ``history`` and ``early_ratio``): what the skip event carries."""
         ...
 
+    def level(self, signal: str) -> float | None:
+        """The signal's level now: what a gradient-norm spike is clipped back to when a clip
+        policy is on (``None``: no level yet)."""
+        ...
+
+    def skip_bound(self, signal: str) -> float | None:
+        """Where gradient-norm spikes are clipped, the value above which one is skipped all
+        the same (at least :meth:`bound`; ``None`` or ``inf``: never)."""
+        ...
+
 
 @runtime_checkable
 class EmergencyClipRole(Stage, Protocol):
@@ -217,8 +227,10 @@ class RollbackRole(Stage, Protocol):
 
     def restore_corrupted(
         self, optimizer: Optimizer, only: Collection[int], buffers: Sequence[Tensor] = ()
-    ) -> str:
-        """Restore what the parameters ``only`` hold of NaN/Inf; the scope applied."""
+    ) -> tuple[str, int]:
+        """Restore what the parameters ``only`` hold of NaN/Inf; the scope applied
+        (``"entries"``, ``"corrupted"`` or ``"all"``) and the entries restored (0 unless
+        ``"entries"``)."""
         ...
 
     def invalidate(self) -> None:

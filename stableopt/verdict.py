@@ -40,6 +40,8 @@ class StepVerdict:
             unit-wise policy).
         is_emergency: the norm was above the emergency threshold, so the reduced limit of
             :class:`~stableopt.stages.emergency_clip.EmergencyClip` applied.
+        is_spike_clipped: the norm was a spike (above the spike guard's bound) with an
+            ordinary loss: clipped to the bound instead of skipped (a clip policy is on).
         weights_ok: whether every weight (and its optimizer state) was finite after the
             step; ``None`` when the weights were not checked.
         bad_params: the parameters found non-finite (indices in the optimizer's
@@ -60,6 +62,7 @@ class StepVerdict:
     clip_coefficient: float = 1.0
     is_clipped: bool = False
     is_emergency: bool = False
+    is_spike_clipped: bool = False
     weights_ok: bool | None = None
     bad_params: tuple[int, ...] = ()
     bad_buffers: tuple[int, ...] = ()

@@ -147,7 +147,7 @@ def test_wrapping_twice_is_a_type_error() -> None:
     [
         ({"clip": -1.0}, ValueError, "max_norm"),
         ({"clip": 0}, ValueError, "max_norm"),
-        ({"clip": "nonsense"}, ValueError, "clip must be one of"),
+        ({"clip": "nonsense"}, ValueError, "clip must be .auto. .the default. or one of"),
         ({"clip": [1.0]}, TypeError, "clip must be"),
         ({"clip": True}, TypeError, "clip must be"),
         ({"max_consecutive_failures": 0}, ValueError, "max_consecutive_failures"),

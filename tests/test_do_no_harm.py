@@ -109,11 +109,13 @@ def test_large_or_small_healthy_norms_are_left_alone(case: dict[str, Any]) -> No
     assert guarded <= 1.02 * plain, (guarded, plain)
 
 
-def scaled_run(factor: float, eps: float) -> tuple[list[bool], list[str], list[Tensor]]:
+def scaled_run(
+    factor: float, eps: float, clip: str = "zscore"
+) -> tuple[list[bool], list[str], list[Tensor]]:
     """SafeOptimizer(Adam) on the loss times ``factor``: which steps it clipped, its events."""
     task = RegressionTask(seed=1)
     model = task.make_model()
-    opt = SafeOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2, eps=eps))
+    opt = SafeOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2, eps=eps), clip=clip)
     clipped = []
     for step in range(1, STEPS + 1):
         x, y = task.batch(step)
@@ -127,8 +129,8 @@ def scaled_run(factor: float, eps: float) -> tuple[list[bool], list[str], list[T
     return clipped, [e.kind for e in opt.events()], [p.detach().clone() for p in model.parameters()]
 
 
-def reference_run(factor: float, eps: float) -> list[Tensor]:
-    """Adam + the same ZClip policy, as a plain loop with clip_grad_norm_."""
+def reference_run(factor: float, eps: float, zclip: bool = True) -> list[Tensor]:
+    """Adam + the same ZClip policy (or none), as a plain loop with clip_grad_norm_."""
     task = RegressionTask(seed=1)
     model = task.make_model()
     inner = torch.optim.Adam(model.parameters(), lr=1e-2, eps=eps)
@@ -137,11 +139,24 @@ def reference_run(factor: float, eps: float) -> list[Tensor]:
         x, y = task.batch(step)
         inner.zero_grad()
         (F.mse_loss(model(x), y) * factor).backward()
-        norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
-        torch.nn.utils.clip_grad_norm_(model.parameters(), policy.max_norm(float(norm)))
-        policy.observe(StepNumbers(float(norm)))
+        if zclip:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+            torch.nn.utils.clip_grad_norm_(model.parameters(), policy.max_norm(float(norm)))
+            policy.observe(StepNumbers(float(norm)))
         inner.step()
     return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1.0, 1e6])
+def test_at_any_scale_the_defaults_leave_a_healthy_run_bit_identical_to_plain_adam(
+    factor: float,
+) -> None:
+    """The default clip (``"auto"``: outliers only) touches no step of a healthy run, at any
+    scale of the loss: no event, no clip, and the weights are plain Adam's bit for bit."""
+    clipped, kinds, weights = scaled_run(factor, eps=1e-8, clip="auto")
+    assert kinds == [] and sum(clipped) == 0
+    for ours, theirs in zip(weights, reference_run(factor, eps=1e-8, zclip=False)):
+        assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("factor", [1e-6, 1e-3, 1.0, 1e3, 1e6])

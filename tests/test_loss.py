@@ -108,7 +108,7 @@ def test_value_and_grad_are_the_bare_loss(
         value_and_grad(lambda x: safe(x, target, **kwargs), pred),
         value_and_grad(lambda x: loss(x, target, **kwargs), pred),
     )
-    assert safe.stats() == {"nonfinite_losses": 0, "size_mismatches": 0}
+    assert safe.stats() == {"nonfinite_losses": 0, "size_mismatches": 0, "expected_mismatches": 0}
 
 
 # -- non-finite losses ------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def test_nonfinite_loss_skips_the_next_step_even_with_finite_grads(info: Optimiz
             assert not same_snapshot(before, snapshot(model, opt))
     stats = opt.stats()
     assert stats["skipped_steps"] == 1 and stats["nonfinite_losses"] == 1
-    assert bad.stats() == {"nonfinite_losses": 1, "size_mismatches": 0}
+    assert bad.stats() == {"nonfinite_losses": 1, "size_mismatches": 0, "expected_mismatches": 0}
     assert good.stats()["nonfinite_losses"] == 0
     kinds = [(e.step, e.kind) for e in opt.events()]
     assert (2, "skip") in kinds and (2, "nonfinite_loss") in kinds
@@ -226,7 +226,7 @@ def test_counters_in_opt_stats_and_loss_stats() -> None:
         target = torch.full((6, 4), float("nan")) if step == 2 else torch.randn(6, 4)
         safe(pred, target).backward()
         opt.step()
-    assert safe.stats() == {"nonfinite_losses": 1, "size_mismatches": 4}
+    assert safe.stats() == {"nonfinite_losses": 1, "size_mismatches": 4, "expected_mismatches": 0}
     stats = opt.stats()
     assert (stats["nonfinite_losses"], stats["size_mismatches"], stats["skipped_steps"]) == (
         1,
@@ -297,7 +297,7 @@ def test_compile_adds_no_graph_break_on_the_happy_path() -> None:
         (
             lambda: SafeLoss(nn.MSELoss(), on_mismatch="pad"),
             ValueError,
-            r"on_mismatch must be one of \['trim', 'error', 'ignore'\]",
+            r"on_mismatch must be one of \['trim', 'expected', 'error', 'ignore'\]",
         ),
         (lambda: SafeLoss(nn.MSELoss(), time_dim=True), TypeError, "time_dim must be an int"),
         (lambda: SafeLoss(nn.MSELoss(), elementwise=1), TypeError, "elementwise must be a bool"),  # type: ignore[arg-type]

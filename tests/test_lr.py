@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -743,7 +744,11 @@ def test_without_a_loss_plateau_is_inactive_and_says_so_once(
         opt.step()
     messages = [r.getMessage() for r in caplog.records if r.name.startswith("stableopt")]
     assert len([m for m in messages if m.startswith("no loss seen")]) == 1
-    assert "plateau scheduling" in messages[0] and caplog.records[0].levelno == logging.INFO
+    assert caplog.records[0].levelno == logging.WARNING
+    assert re.match(
+        r"no loss seen at step 1: spike \(loss\), hot_lr, plateau are inactive", messages[0]
+    )
+    assert opt.stats()["inactive_stages"] == ["spike (loss)", "hot_lr", "plateau"]
     assert plateau.factor == 1.0 and plateau.state_dict()["count"] == 0
     opt.zero_grad()
     opt.observe_loss(backward(model, 30))  # a loss: active from now on, no second message

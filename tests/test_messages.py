@@ -39,7 +39,10 @@ def test_a_bad_clip_number_names_clip_and_what_it_accepts(clip: float) -> None:
 
 
 def test_a_bad_clip_name_or_type_names_clip() -> None:
-    with pytest.raises(ValueError, match=r"^clip must be one of \['agc', 'percentile', 'zscore'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"^clip must be 'auto' \(the default\) or one of \['agc', 'outlier', 'percentile', 'zscore'\]",
+    ):
         SafeOptimizer(adamw(), clip="zclip")
     with pytest.raises(TypeError, match=r"^clip must be .* got True$"):
         SafeOptimizer(adamw(), clip=True)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ from torch.optim.optimizer import (
 )
 
 from stableopt import DivergenceError, Rollback, SafeOptimizer, ZScoreClip
+from stableopt.outcomes import Cause
 from tests.helpers import backward, make_model, same_snapshot, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,7 +105,8 @@ def test_when_every_update_writes_nan_the_run_stops_with_finite_weights_and_a_tr
             assert finite(model, opt), step
     message = str(caught.value)
     assert "the restored state failed again right away 3 times" in message
-    assert "The weights are the last good ones" in message
+    # every update corrupted: the weights are the snapshot of step 0, nothing undone
+    assert "The weights are those of the snapshot of step 0: 0 good update(s)" in message
     assert finite(model, opt)  # true: restored before stopping
     assert caught.value.stats["steps"] <= 5
 
@@ -129,9 +131,11 @@ def test_non_finite_weights_before_the_first_step_are_a_clear_error(where: str) 
     assert expected in str(caught.value)
 
 
-def checkpoint(steps: int = 3) -> tuple[nn.Module, SafeOptimizer, dict[str, Any]]:
+def checkpoint(
+    steps: int = 3, clip: Any = "auto"
+) -> tuple[nn.Module, SafeOptimizer, dict[str, Any]]:
     model = make_model()
-    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), clip=clip)
     for step in range(steps):
         opt.zero_grad()
         opt.observe_loss(backward(model, step))
@@ -150,7 +154,7 @@ def test_a_checkpoint_with_a_nan_exp_avg_is_refused_and_changes_nothing() -> Non
 
 
 def test_a_refused_stage_leaves_the_inner_optimizer_as_it_was() -> None:
-    _, _, state = checkpoint()
+    _, _, state = checkpoint(clip="zscore")
     model = make_model()
     opt = SafeOptimizer(
         torch.optim.AdamW(model.parameters(), lr=1e-2), clip=ZScoreClip(warmup_steps=7)
@@ -248,7 +252,8 @@ def test_by_default_a_rollback_restores_exactly_the_non_finite_entries() -> None
     others[3] = False
     assert bool((after[others] != snapshot[others]).all())  # the step-5 update of the rest
     (event,) = [e for e in opt.events() if e.kind == "rollback"]
-    assert "the non-finite entries of 1 parameter(s)" in event.reason
+    assert (event.cause, event.labels["scope"]) == (Cause.UPDATE_WROTE_NONFINITE, "entries")
+    assert (event.data["entries"], event.data["params"]) == (1.0, 1.0)
     assert opt.stats()["lr_factor"] == 1.0  # one corrupting update: restored, not cut
     assert finite(model, opt)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from stableopt import EmergencyLR, Monitor, PlateauLR, SafeOptimizer
+from stableopt import EmergencyLR, Monitor, PlateauLR, Rollback, SafeOptimizer
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Sink
 from stableopt.outcomes import Cause
@@ -42,6 +42,7 @@ def train(
     every_steps: int = 50,
     mismatch_steps: Iterable[int] = (),
     on_loss: Callable[[float], None] | None = None,
+    loss_factor: Callable[[int], float] | None = None,
     **options: Any,
 ) -> SafeOptimizer:
     """Train the fault-injection MLP with SafeOptimizer(AdamW) under ``faults``; close the sinks.
@@ -62,6 +63,10 @@ def train(
     def loss_fn(prediction: Tensor, target: Tensor) -> Tensor:
         if opt.monitor.counters["steps"] + 1 in mismatches:
             target = torch.cat([target, target], dim=1)
+        if loss_factor is not None and torch.is_grad_enabled():
+            # the training loss x factor (both sides x sqrt(factor): the MSE scales by it)
+            root = loss_factor(opt.monitor.counters["steps"] + 1) ** 0.5
+            prediction, target = prediction * root, target * root
         loss = safe_loss(prediction, target)
         if on_loss is not None:
             on_loss(float(loss.detach()))
@@ -200,19 +205,27 @@ def test_no_size_mismatch_counter_is_no_mismatch() -> None:
     assert recommend(stats, []) == []
 
 
-def test_rollbacks_for_non_finite_weights_are_explained_with_the_steps_lost() -> None:
+def test_an_entry_wise_restore_is_reported_as_what_it_restored() -> None:
+    """The default rollback puts back the NaN entries only: nothing of the training is
+    undone, and the advice says so (it used to count the steps since the snapshot)."""
     opt = train(150, {120: "nan_weights"})
     rollback = {a.kind: a for a in opt.recommendations()}["rollback"]
     (event,) = [e for e in opt.events() if e.kind == "rollback"]
+    assert event.labels["scope"] == "entries" and event.data["entries"] >= 1
     assert rollback.evidence["rollbacks"] == opt.stats()["rollbacks"] == 1
-    assert rollback.evidence["weight_rollbacks"] == 1
-    assert rollback.evidence["failure_rollbacks"] == 0
+    assert rollback.evidence["weight_rollbacks"] == rollback.evidence["entry_restores"] == 1
+    assert rollback.evidence["failure_rollbacks"] == rollback.evidence["full_restores"] == 0
+    assert rollback.evidence["entries_restored"] == event.data["entries"]
+    assert "steps_lost" not in rollback.evidence
+
+
+def test_a_full_restore_counts_the_steps_it_undid() -> None:
+    opt = train(150, {120: "nan_weights"}, rollback=Rollback(scope="all"))
+    rollback = {a.kind: a for a in opt.recommendations()}["rollback"]
+    (event,) = [e for e in opt.events() if e.kind == "rollback"]
+    assert event.labels["scope"] == "all"
+    assert rollback.evidence["full_restores"] == 1
     assert rollback.evidence["steps_lost"] == event.step - event.data["snapshot_step"]
-    assert f"{event.step - event.data['snapshot_step']:.0f} steps of training undone" in (
-        rollback.message
-    )
-    assert "left non-finite weights" in rollback.message and "an eps" in rollback.message
-    assert "failed steps in a row" not in rollback.message
 
 
 def test_a_rollback_after_a_run_of_failed_steps_names_that_run_not_the_weights() -> None:
@@ -254,11 +267,12 @@ def test_repeated_spikes_recommend_looking_at_the_batches() -> None:
     spikes = {a.kind: a for a in opt.recommendations()}["spikes"]
     assert spikes.evidence["spike_skips"] == opt.stats()["spike_skips"] == len(faults)
     assert spikes.evidence["level_spikes"] == opt.stats()["new_levels"] == 0
-    # alone between healthy steps: the faulted steps with no faulted neighbour
+    # alone between healthy steps: the faulted steps with no faulted neighbour; the run never
+    # reached their loss again: the evidence of a bad batch
     alone = [s for s in faults if s - 1 not in faults and s + 1 not in faults]
     assert spikes.evidence["isolated_spikes"] == len(alone) == 1
-    assert "60, 61, 100" in spikes.message and "1 of them alone" in spikes.message
-    assert "1 in 40 steps" in spikes.message  # 120 steps / 3 spikes
+    assert spikes.evidence["bad_batch_spikes"] == 1 and spikes.evidence["reached_spikes"] == 0
+    assert spikes.evidence["steps"] / spikes.evidence["other_spikes"] == 40  # 1 in 40 steps
 
 
 def test_frequent_isolated_spikes_are_called_bad_batches() -> None:
@@ -267,13 +281,24 @@ def test_frequent_isolated_spikes_are_called_bad_batches() -> None:
     spikes = {a.kind: a for a in opt.recommendations()}["spikes"]
     assert spikes.evidence["spike_skips"] == opt.stats()["spike_skips"] == len(faults) == 16
     assert spikes.evidence["isolated_spikes"] == spikes.evidence["other_spikes"] == 16
-    assert "each alone between healthy steps" in spikes.message
-    assert f"1 in {200 / 16:.0f} steps" in spikes.message
-    assert "bad batch or a data issue" in spikes.message
+    assert spikes.evidence["bad_batch_spikes"] == 16
     assert "new_level" not in kinds(opt.recommendations())
 
 
-def test_a_lasting_new_level_asks_whether_it_was_intended() -> None:
+def test_spikes_at_a_level_the_run_then_reached_are_not_blamed_on_the_data() -> None:
+    """The loss x30 on three batches early, and from step 100 on the run's loss at that
+    height (a re-weighted stage): the three early spikes were the run's level seen early,
+    not bad batches: the advice does not point at their batches."""
+    faults = {40: 30.0, 55: 30.0, 70: 30.0}
+    opt = train(120, loss_factor=lambda step: faults.get(step, 30.0 if step > 100 else 1.0))
+    advice = {a.kind: a for a in opt.recommendations()}
+    spikes = advice["spikes"]
+    assert spikes.evidence["isolated_spikes"] == spikes.evidence["reached_spikes"] == 3
+    assert spikes.evidence["bad_batch_spikes"] == 0
+    assert advice["new_level"].evidence["lasted"] == 1.0
+
+
+def test_a_lasting_new_level_is_a_change_of_the_training_not_the_data() -> None:
     # from step 60 on every batch is of another scale: a new level, not bad batches
     opt = train(150, {step: "poison_batch" for step in range(60, 151)})
     n = opt.escalation.relearn_after
@@ -289,36 +314,31 @@ def test_a_lasting_new_level_asks_whether_it_was_intended() -> None:
     assert level.evidence["ratio_to_level"] == pytest.approx(
         opt.stats()["grad_norm"] / event.data["grad_norm"]
     )
-    steps = ", ".join(str(s) for s in skipped)
-    assert f"after {n} spikes at steps {steps}" in level.message
-    assert f"trained on from step {event.step + 1}" in level.message
-    assert "It is still there" in level.message and "check what changed at step 60" in level.message
+    assert level.evidence["lasted"] == 1.0
 
 
 def test_a_new_level_that_did_not_last_is_called_a_burst() -> None:
-    # a burst of exploding gradients, exactly long enough to be taken as a level
-    opt = train(150, {step: "grad_spike" for step in range(60, 63)})
+    # a burst of exploding gradients, exactly long enough to be taken as a level (clipping
+    # off: with it on, a gradient-norm spike is clipped, not skipped)
+    opt = train(150, {step: "grad_spike" for step in range(60, 63)}, clip=None)
     level = {a.kind: a for a in opt.recommendations()}["new_level"]
     (event,) = [e for e in opt.events() if e.kind == "new_level"]
     ratio = opt.stats()["grad_norm"] / event.data["grad_norm"]
     assert ratio < 0.1  # the premise: the norm went back to its old level
     assert level.evidence["ratio_to_level"] == pytest.approx(ratio)
-    assert "The gradient norm moved to a new level at step 62" in level.message
-    assert "burst of bad batches" in level.message and f"{ratio:.2g}x" in level.message
+    assert level.evidence["level_step"] == event.step == 62 and level.evidence["lasted"] == 0.0
 
 
 def test_spikes_and_a_new_level_are_told_apart() -> None:
     faults: dict[int, FaultKind] = {step: "poison_batch" for step in range(40, 100, 15)}
     faults |= {step: "grad_spike" for step in range(120, 123)}
-    opt = train(200, faults)
+    opt = train(200, faults, clip=None)
     n = opt.escalation.relearn_after
     advice = {a.kind: a for a in opt.recommendations()}
     assert opt.stats()["spike_skips"] == len(faults) and opt.stats()["new_levels"] == 1
     spikes = advice["spikes"]
     assert spikes.evidence["level_spikes"] == n
     assert spikes.evidence["other_spikes"] == spikes.evidence["isolated_spikes"] == len(faults) - n
-    assert "steps 40, 55, 70, 85;" in spikes.message
-    assert f"after {n} spikes at steps 120, 121, 122" in spikes.message
     assert "new_level" in advice
 
 

@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from stableopt.messages import divergence_text, event_text, skip_text
+from stableopt.messages import divergence_text, event_text, skip_text, weights_text
 from stableopt.outcomes import Cause, EventKind, SkipReason
 
 SKIPS = [
@@ -299,8 +299,14 @@ def test_the_divergence_error_message() -> None:
     class E:
         step, kind, reason = 7, "skip", "gradient norm is nan"
 
-    text = divergence_text("why", True, {"steps": 7, "rollbacks": 1}, [E()])
+    weights = weights_text(True, last_good=6)
+    text = divergence_text("why", weights, {"steps": 7, "rollbacks": 1}, [E()])
     assert text == (
-        "stableopt: why. The weights are the last good ones. Counters: steps=7, rollbacks=1. "
-        "Last events: step 7 skip: gradient norm is nan"
+        "stableopt: why. The weights are those after the last good step (step 6). Counters: "
+        "steps=7, rollbacks=1. Last events: step 7 skip: gradient norm is nan"
     )
+    assert weights_text(True, 0, 7, 7) == (
+        "The weights are those of the snapshot of step 0: 7 good update(s) after it were "
+        "undone (the last good step was step 7)."
+    )
+    assert weights_text(False).startswith("The weights hold NaN/Inf values")

@@ -382,6 +382,23 @@ def test_sending_never_blocks_training_and_a_full_queue_drops(receiver: Receiver
     assert sink.sent == 10 - sink.queue_full == len(receiver.requests)
 
 
+def test_a_webhook_that_never_answers_leaves_every_event_accounted_for(
+    receiver: Receiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="stableopt")
+    receiver.release.clear()  # accepts the connection, never answers
+    sink = WebhookSink(receiver.url, min_interval_s=0, timeout_s=30, close_timeout_s=0.3)
+    for step in range(1, 4):
+        sink.on_event(Event(step, "rollback", "weights were NaN"))
+    sink.close()
+    # one in flight, two queued: none sent, none failed, none dropped, all pending
+    assert (sink.sent, sink.failed, sink.queue_full, sink.rate_limited) == (0, 0, 0, 0)
+    assert sink.pending == 3
+    warned = [r for r in caplog.records if "pending" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].args[1] == 3  # type: ignore[index]
+    receiver.release.set()
+
+
 def test_telegram_posts_send_message_with_chat_id_and_text(
     receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:

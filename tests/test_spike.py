@@ -13,6 +13,7 @@ an even number of values the median is the LOWER of the two middle values
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -27,7 +28,7 @@ from torch import nn
 
 from stableopt import DivergenceError, Rollback, SafeOptimizer, SpikeGuard, StepNumbers
 from stableopt.gate import Gate
-from stableopt.outcomes import Cause, SkipReason
+from stableopt.outcomes import Cause, EventKind, SkipReason
 from stableopt.testing.faults import RegressionTask
 from tests.helpers import (
     OPTIMIZERS,
@@ -70,7 +71,11 @@ def _local_level(values: np.ndarray, log_floor: float | None) -> tuple[float, fl
     step-to-step noise: 1.4826 MAD of the successive differences over sqrt(2), floored."""
     steps = np.diff(values)
     drift = _lower_median(steps)
-    spread = 1.4826 * _lower_median(np.abs(steps - drift)) / math.sqrt(2)
+    spread = 1.4826 * _lower_median(np.abs(steps - drift))
+    moves = np.abs(steps[steps != 0])  # a signal that mostly stands still: its step size
+    if len(moves):
+        spread = max(spread, 1.4826 * _lower_median(moves))
+    spread /= math.sqrt(2)
     level = _lower_median(values[-5:]) + 3.0 * drift
     floor = log_floor if log_floor is not None else max(0.01 * abs(level), 1e-12)
     return level, max(spread, floor)
@@ -92,7 +97,8 @@ def reference_spikes(
     reported once ``min_history`` values are in the window (NaN before): against the
     local level in units of the step-to-step noise (see ``_local_level``), on the log
     of the values when the window and the value are positive, on the values
-    themselves otherwise.
+    themselves otherwise. A gradient norm no higher than the 90th percentile of the last
+    32 accepted ones is never a spike (the run has just been there).
     """
     history: dict[str, list[float]] = {}
     verdicts = []
@@ -100,15 +106,19 @@ def reference_spikes(
         spikes, zs = {}, {}
         for name, x in values.items():
             past = np.asarray(history.get(name, [])[-window:], dtype=np.float64)
+            recent = np.sort(past[-32:])
+            reached = (
+                name == "grad_norm" and len(recent) and x <= recent[int(0.9 * (len(recent) - 1))]
+            )
             if len(past) >= min_history and scale != "linear" and (past > 0).all() and x > 0:
                 level, spread = _local_level(np.log(past), math.log(1.01))
                 zs[name] = (math.log(x) - level) / spread if math.isfinite(x) else math.nan
-                spikes[name] = math.isfinite(x) and bool(zs[name] > z_threshold)
+                spikes[name] = math.isfinite(x) and bool(zs[name] > z_threshold) and not reached
             elif len(past) >= min_history:
                 level, spread = _local_level(past, None)
                 zs[name] = (x - level) / spread
                 # a non-finite value is skipped as such, never called a spike
-                spikes[name] = math.isfinite(x) and bool(zs[name] > z_threshold)
+                spikes[name] = math.isfinite(x) and bool(zs[name] > z_threshold) and not reached
             elif len(past) >= 3 and early_ratio is not None:
                 # early rule: a plain ratio to the (lower) median, positive medians only
                 median = _lower_median(past)
@@ -466,8 +476,9 @@ ADAMW = [i for i in OPTIMIZERS if i.name in ("AdamW-foreach", "AdamW-fused")]
 @pytest.mark.parametrize("info", ADAMW, ids=_ids(ADAMW))
 def test_safe_optimizer_skips_exactly_the_reference_spikes(info: OptimizerInfo) -> None:
     model = make_model()
-    opt = SafeOptimizer(
+    opt = SafeOptimizer(  # clipping off: a gradient-norm spike is skipped, not clipped
         info.build(model.parameters()),
+        clip=None,
         spike=SpikeGuard(window_steps=32, min_history=16, z_threshold=6.0),
     )
     grad_faults = {45: 30.0, 80: 1e3, 81: 1e3, 100: 0.01}
@@ -503,11 +514,11 @@ def test_safe_optimizer_skips_exactly_the_reference_spikes(info: OptimizerInfo) 
     stats = opt.stats()
     assert stats["spike_skips"] == len(spike_steps)
     assert stats["skipped_steps"] == len(spike_steps) + 1  # + the NaN loss
-    reasons = {e.step - 1: e.reason for e in opt.events() if e.kind == "skip"}
-    assert reasons.keys() == spike_steps | {70}
-    assert reasons[45].startswith("gradient-norm spike (")
-    assert reasons[60].startswith("loss spike (") and "robust z = " in reasons[60]
-    assert "NaN/Inf" in reasons[70]  # a non-finite skip, not a spike
+    causes = {e.step - 1: e for e in opt.events() if e.kind == "skip"}
+    assert causes.keys() == spike_steps | {70}
+    assert causes[45].cause is SkipReason.GRAD_NORM_SPIKE
+    assert causes[60].cause is SkipReason.LOSS_SPIKE and causes[60].data["z"] > 6.0
+    assert causes[70].cause is SkipReason.NONFINITE_LOSS  # a non-finite skip, not a spike
 
 
 # ---------------------------------------------------------------------------------
@@ -526,7 +537,9 @@ def test_a_spike_skip_leaves_weights_and_state_bit_identical(
     info: OptimizerInfo, signal: str
 ) -> None:
     model = make_model()
-    opt = SafeOptimizer(info.build(model.parameters()))  # all defaults
+    # defaults; a gradient-norm spike is skipped when clipping is off (else it is clipped)
+    clip: Any = None if signal == "grad_norm" else "auto"
+    opt = SafeOptimizer(info.build(model.parameters()), clip=clip)
     for step in range(40):  # past min_history=32
         opt.zero_grad()
         opt.observe_loss(backward(model, step))
@@ -548,7 +561,9 @@ def test_a_spike_skip_leaves_weights_and_state_bit_identical(
     assert stats["lr_changes"] == 0  # a spike is a bad input: never an LR cut
     event = opt.events()[-1]
     assert event.step == 41 and event.kind == "skip"
-    assert event.reason.startswith("loss spike" if signal == "loss" else "gradient-norm spike")
+    assert event.cause is (
+        SkipReason.LOSS_SPIKE if signal == "loss" else SkipReason.GRAD_NORM_SPIKE
+    )
     # the next, normal step runs
     opt.zero_grad()
     opt.observe_loss(backward(model, 41))
@@ -561,10 +576,12 @@ def test_a_spike_skip_leaves_weights_and_state_bit_identical(
 def test_an_early_spike_is_skipped_and_leaves_weights_and_state_bit_identical(
     info: OptimizerInfo, signal: str
 ) -> None:
-    """All defaults: a 1e4x spike at step 5 (4 values in the window, long before
-    min_history=32 and the clip's warm-up) is skipped by the early rule."""
+    """Defaults: a 1e4x spike at step 5 (4 values in the window, long before min_history=32
+    and the clip's warm-up) is skipped by the early rule (a gradient-norm spike: with
+    clipping off; with it on, it is clipped: see the test after)."""
     model = make_model()
-    opt = SafeOptimizer(info.build(model.parameters()))  # all defaults
+    clip: Any = None if signal == "grad_norm" else "auto"
+    opt = SafeOptimizer(info.build(model.parameters()), clip=clip)
     for step in range(4):
         opt.zero_grad()
         opt.observe_loss(backward(model, step))
@@ -613,13 +630,18 @@ def test_with_early_ratio_none_an_early_spike_goes_through() -> None:
 
 
 def escalating_run(
-    faults: dict[int, float | str], steps: int, max_consecutive_failures: int | None = None
+    faults: dict[int, float | str],
+    steps: int,
+    max_consecutive_failures: int | None = None,
+    clip: Any = None,
 ) -> tuple[nn.Module, SafeOptimizer, dict[int, Any]]:
     """20 good steps (snapshots after good steps 8 and 16), then ``faults``: a factor
-    for the gradients (a spike) or ``"nan"``; a snapshot of weights and state per step."""
+    for the gradients (a spike) or ``"nan"``; a snapshot of weights and state per step.
+    Clipping is off unless ``clip`` says: gradient-norm spikes are then skipped."""
     model = make_model()
     opt = SafeOptimizer(
         torch.optim.AdamW(model.parameters(), lr=1e-2),
+        clip=clip,
         spike=SpikeGuard(window_steps=16, min_history=8),
         rollback=Rollback(every_steps=8),
         max_consecutive_failures=max_consecutive_failures,
@@ -694,6 +716,78 @@ def test_isolated_spikes_between_healthy_steps_never_add_up() -> None:
     stats = opt.stats()
     assert stats["skipped_steps"] == stats["spike_skips"] == len(faults)
     assert stats["rollbacks"] == 0 and stats["lr_changes"] == 0 and stats["new_levels"] == 0
+
+
+def test_with_a_clip_policy_a_gradient_norm_spike_is_clipped_to_the_spike_bound() -> None:
+    """With a clip policy on (the default), a gradient-norm spike with an ordinary loss, less
+    than ``clip_within`` times the norm's level, is clipped (to the level, or lower by the
+    emergency clip) instead of skipped; the event says so, with the z-score. The update
+    equals the bare optimizer's after clip_grad_norm_ to the same norm. (This run's noise
+    puts the spike bound at 10x the level already: ``clip_within=100`` opens a band.)"""
+    model = make_model()
+    opt = SafeOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), spike=SpikeGuard(clip_within=100.0)
+    )
+    bare_model = copy.deepcopy(model)
+    for step in range(40):
+        opt.zero_grad()
+        opt.observe_loss(backward(model, step))
+        opt.step()
+    bare_model.load_state_dict(model.state_dict())
+    guard = opt.spike
+    assert guard is not None
+    bound, far = guard.bound("grad_norm"), guard.skip_bound("grad_norm")
+    assert bound is not None and far is not None and bound < far
+    assert far == pytest.approx(100 * guard.level("grad_norm"))  # type: ignore[operator]
+    target = (bound + far) / 2  # a spike, and within 100x of the level
+    opt.zero_grad()
+    opt.observe_loss(backward(model, 40))
+    factor = target / float(nn.utils.clip_grad_norm_(model.parameters(), math.inf))
+    scale_grads(model, factor)
+    opt.step()
+    verdict = opt.last_verdict
+    assert verdict is not None and verdict.is_accepted and verdict.is_spike_clipped
+    assert verdict.clip_threshold is not None and verdict.clip_threshold <= float(np.float32(bound))
+    stats = opt.stats()
+    assert stats["skipped_steps"] == 0 and stats["spike_clips"] == 1 and stats["total_clips"] == 1
+    (event,) = [e for e in opt.events() if e.kind == EventKind.CLIP]
+    assert event.step == 41 and event.cause is SkipReason.GRAD_NORM_SPIKE
+    assert event.data["z"] > 12 and event.data["clip_threshold"] == verdict.clip_threshold
+    # the reference: the same gradients through clip_grad_norm_ to that norm, then bare SGD
+    bare = torch.optim.SGD(bare_model.parameters(), lr=0.05)
+    bare.zero_grad()
+    backward(bare_model, 40)
+    scale_grads(bare_model, factor)
+    nn.utils.clip_grad_norm_(bare_model.parameters(), verdict.clip_threshold)
+    bare.step()
+    for p, q in zip(model.parameters(), bare_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_a_gradient_norm_far_above_its_level_is_skipped_even_with_a_clip_policy() -> None:
+    """A x1e5 gradient (the loss ordinary) is no noisy batch: skipped, state bit-identical;
+    ``clip_within=math.inf`` clips it instead."""
+    for clip_within, skipped in ((10.0, True), (math.inf, False)):
+        model = make_model()
+        opt = SafeOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05), spike=SpikeGuard(clip_within=clip_within)
+        )
+        for step in range(40):
+            opt.zero_grad()
+            opt.observe_loss(backward(model, step))
+            opt.step()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.zero_grad()
+        opt.observe_loss(backward(model, 40))
+        scale_grads(model, 1e5)
+        opt.step()
+        verdict = opt.last_verdict
+        assert verdict is not None and verdict.is_accepted is not skipped
+        if skipped:
+            assert verdict.skip_reason is SkipReason.GRAD_NORM_SPIKE
+            assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        else:
+            assert verdict.is_spike_clipped
 
 
 def test_non_finite_gradients_are_not_spikes() -> None:

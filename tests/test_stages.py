@@ -123,6 +123,12 @@ class NeverSpike:
     def evidence(self, signal: str, value: float) -> dict[str, float]:
         return {}
 
+    def level(self, signal: str) -> float | None:
+        return None
+
+    def skip_bound(self, signal: str) -> float | None:
+        return None
+
     def clear(self) -> None:
         self.accepted = 0
 

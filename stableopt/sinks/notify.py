@@ -69,6 +69,10 @@ class Notifier(ABC):
         failed: messages whose request failed.
         rate_limited: events dropped by the rate limit.
         queue_full: events dropped because the queue was full.
+        pending: messages queued or in flight, neither sent nor failed yet (after
+            :meth:`close`: those it gave up waiting for, an endpoint that accepts and never
+            answers). Every event of a notifying kind is exactly one of sent, failed,
+            rate_limited, queue_full or pending.
     """
 
     def __init__(
@@ -89,8 +93,10 @@ class Notifier(ABC):
         self.close_timeout_s = check_float("close_timeout_s", close_timeout_s, minimum=0.0)
         self.run_name = run_name
         self.sent = self.failed = self.rate_limited = self.queue_full = 0
+        self._queued = 0  # accepted into the queue, not yet sent or failed (in flight too)
         self._last_sent: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._queue: queue.Queue[Any] = queue.Queue(check_int("queue_size", queue_size, minimum=1))
         self._closed = False
         self._worker = threading.Thread(
@@ -114,9 +120,19 @@ class Notifier(ABC):
             return
         self._last_sent[event.kind] = now
         try:
+            with self._lock:
+                self._queued += 1
             self._queue.put_nowait((event, self._suppressed.pop(event.kind, 0)))
         except queue.Full:
+            with self._lock:
+                self._queued -= 1
             self.queue_full += 1
+
+    @property
+    def pending(self) -> int:
+        """Messages queued or in flight: neither sent nor failed yet."""
+        with self._lock:
+            return self._queued
 
     def on_metrics(self, step: int, metrics: Mapping[str, Any]) -> None:  # noqa: B027
         """Nothing: notifiers speak only when something happens."""
@@ -133,12 +149,15 @@ class Notifier(ABC):
         except queue.Full:
             pass
         self._worker.join(max(0.0, deadline - time.monotonic()))
-        if self._worker.is_alive():
+        if self._worker.is_alive() and self.pending:
             log.warning(
-                "%s: %d message(s) not sent within close_timeout_s=%g",
+                "%s: %d message(s) still pending (queued or in flight: neither sent nor "
+                "failed) after close_timeout_s=%g; sent=%d failed=%d",
                 type(self).__name__,
-                self._queue.qsize(),
+                self.pending,
                 self.close_timeout_s,
+                self.sent,
+                self.failed,
             )
 
     def message(self, event: Event, suppressed: int = 0) -> str:
@@ -162,9 +181,13 @@ class Notifier(ABC):
                 return
             try:
                 self._send(*item)
-                self.sent += 1
+                with self._lock:
+                    self.sent += 1
+                    self._queued -= 1
             except Exception as exc:  # a dead endpoint must never reach training
-                self.failed += 1
+                with self._lock:
+                    self.failed += 1
+                    self._queued -= 1
                 if self.failed <= _LOG_FIRST or self.failed % _LOG_EVERY == 0:
                     log.warning(
                         "%s could not send the %s notification of step %d to %s: %s: %s%s "

@@ -79,6 +79,11 @@ class RobustWindow:
         bisect.insort(self.ordered, x)
         self.count += 1
 
+    def discard(self, x: float) -> None:
+        """Remove one value equal to ``x`` (O(size): for windows kept in step with another)."""
+        self.values.remove(x)
+        del self.ordered[bisect.bisect_left(self.ordered, x)]
+
     def clear(self) -> None:
         self.values.clear()
         self.ordered.clear()

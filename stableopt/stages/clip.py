@@ -13,6 +13,8 @@ The policies, by name (``SafeOptimizer(opt, clip="zscore")``; the table is
 * ``"percentile"``: :class:`~stableopt.stages.percentile.PercentileClip` (AutoClip,
   Seetharaman et al. 2020);
 * ``"agc"``: :class:`~stableopt.stages.agc.AGCClip` (AGC, Brock et al. 2021);
+* ``"outlier"``: :class:`OutlierClip` (only outliers: the spike guard's bound and the
+  emergency clip);
 * a number: :class:`FixedClip` (``clip_grad_norm_``).
 """
 
@@ -30,7 +32,7 @@ from stableopt._checks import check_float
 from stableopt._num import Num, clamp
 from stableopt.stages.base import ClipPolicy
 
-__all__ = ["NORM_EPS", "FixedClip", "HistoryClip", "clip_coefficient"]
+__all__ = ["NORM_EPS", "FixedClip", "HistoryClip", "OutlierClip", "clip_coefficient"]
 
 #: Added to the norm before dividing, as in ``torch.nn.utils.clip_grad_norm_``.
 NORM_EPS = 1e-6
@@ -63,6 +65,27 @@ class FixedClip(ClipPolicy):
 
     def __repr__(self) -> str:
         return f"FixedClip(max_norm={self.max_norm_value:g})"
+
+
+class OutlierClip(ClipPolicy):
+    """Clip only a gradient norm that is an outlier of the run: above the spike guard's bound
+    (its local level plus ``z_threshold`` units of its step-to-step noise, on a log scale:
+    :class:`~stableopt.stages.spike.SpikeGuard`) or above the emergency threshold (10x the
+    median of the recent norms: :class:`~stableopt.stages.emergency_clip.EmergencyClip`).
+
+    The policy itself sets no limit (``max_norm`` is ``inf``): an ordinary step of a healthy
+    run, however its norms are distributed (BatchNorm with SGD, batches of one, a user's
+    own ``clip_grad_norm_`` pinning them at a ceiling), is never scaled down. With
+    ``spike=None`` and ``emergency_clip=None`` it never clips.
+    """
+
+    name = "outlier"
+
+    def max_norm(self, grad_norm: Num) -> float:
+        return math.inf
+
+    def __repr__(self) -> str:
+        return "OutlierClip()"
 
 
 class HistoryClip(ClipPolicy):

@@ -153,12 +153,14 @@ class Rollback:
         """Copy the snapshot back into the parameters and the optimizer state: all of them
         (and into ``buffers``, the model's, when the snapshot holds as many), or the
         parameters ``only`` names (indices in ``param_groups`` order) and their state; with
-        ``entries=True`` only their non-finite entries (every finite value stays)."""
+        ``entries=True`` only their non-finite entries (every finite value stays). Parameters
+        of groups added after the snapshot (``add_param_group``) are not in it and stay."""
         if self.snapshot_step is None:
             raise RuntimeError("no snapshot to restore")
         params = _all_params(optimizer)
-        if len(params) != len(self._params):
+        if len(params) < len(self._params) or (only and max(only) >= len(self._params)):
             raise RuntimeError("the parameter set changed since the snapshot was taken")
+        params = params[: len(self._params)]  # groups added since (add_param_group) stay
         if only is None and len(buffers) == len(self._buffers):
             for live, saved in zip(buffers, self._buffers):
                 if live.shape == saved.shape and live.dtype == saved.dtype:
@@ -183,24 +185,32 @@ class Rollback:
 
     def restore_corrupted(
         self, optimizer: Optimizer, only: Collection[int], buffers: Sequence[Tensor] = ()
-    ) -> str:
+    ) -> tuple[str, int]:
         """Restore what the parameters ``only`` hold of NaN/Inf, as :attr:`scope` says:
         their non-finite entries (``"entries"``), those parameters whole (``"corrupted"``) or
-        everything, ``buffers`` included (``"all"``); return the scope applied."""
+        everything, ``buffers`` included (``"all"``); return the scope applied and, for
+        ``"entries"``, how many entries were restored (weights and state; else 0)."""
         if self.scope == "all" or not only:
             self.restore(optimizer, buffers=buffers)
-            return "all"
-        self.restore(optimizer, only, entries=self.scope == "entries")
-        return self.scope
+            return "all", 0
+        if self.scope == "entries":
+            params = _all_params(optimizer)
+            entries = 0
+            for i in sorted(set(only)):
+                entries += self._restore_entries(optimizer, params[i], i)
+            return "entries", entries
+        self.restore(optimizer, only)
+        return self.scope, 0
 
-    def _restore_entries(self, optimizer: Optimizer, param: Tensor, i: int) -> None:
-        """Put the snapshot's values where the parameter or its state is not finite; a
-        value that cannot be restored entry by entry (sparse, reshaped) is restored whole."""
-        _where_bad(_local(param), self._params[i])
+    def _restore_entries(self, optimizer: Optimizer, param: Tensor, i: int) -> int:
+        """Put the snapshot's values where the parameter or its state is not finite (a
+        value that cannot be restored entry by entry, sparse or reshaped, is restored
+        whole); how many entries that was."""
+        entries = _where_bad(_local(param), self._params[i])
         saved_state = self._state[i]
         live = optimizer.state.get(param)
         if saved_state is None or live is None:
-            return
+            return entries
         for key, value in saved_state.items():
             current = live.get(key)
             if not isinstance(value, _SavedTensor) or not isinstance(current, Tensor):
@@ -212,8 +222,10 @@ class Rollback:
                 or local.shape != value.buffer.shape
             ):
                 live[key] = _restore_value(current, value, param)
+                entries += local.numel()
             else:
-                _where_bad(local, value.buffer)
+                entries += _where_bad(local, value.buffer)
+        return entries
 
     def _copy_into(self, buffer: Tensor | None, source: Tensor) -> Tensor:
         source = _local(source)
@@ -356,11 +368,13 @@ def _dtensor_spec(tensor: Tensor) -> tuple[Any, ...] | None:
     return (t.device_mesh, tuple(t.placements), t.shape, t.stride())
 
 
-def _where_bad(live: Tensor, saved: Tensor) -> None:
-    """``live[i] = saved[i]`` wherever ``live[i]`` is not finite (in place)."""
-    if live.dtype.is_floating_point or live.dtype.is_complex:
-        bad = ~torch.isfinite(live)
-        live.copy_(torch.where(bad, saved.to(live.device, non_blocking=True), live))
+def _where_bad(live: Tensor, saved: Tensor) -> int:
+    """``live[i] = saved[i]`` wherever ``live[i]`` is not finite (in place); how many."""
+    if not (live.dtype.is_floating_point or live.dtype.is_complex):
+        return 0
+    bad = ~torch.isfinite(live)
+    live.copy_(torch.where(bad, saved.to(live.device, non_blocking=True), live))
+    return int(bad.sum())  # a read, on the rare path of a restore
 
 
 def _restore_value(current: Any, saved: Any, param: Tensor) -> Any:

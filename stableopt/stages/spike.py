@@ -57,7 +57,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from stableopt._checks import check_choice, check_float, check_int
-from stableopt.stages._window import RobustWindow
+from stableopt.stages._window import MAD_TO_STD, RobustWindow
 from stableopt.stages.base import StepNumbers
 
 __all__ = ["SpikeGuard"]
@@ -67,6 +67,28 @@ _LOG_FLOOR = math.log1p(0.01)
 #: The floor of the raw-scale spread, relative to the median.
 _RELATIVE_FLOOR = 0.01
 _SCALES = ("auto", "log", "linear")
+
+
+#: Clipped gradient-norm spikes in a row at one level (within this factor of each other)
+#: that become the norm's new level (the escalation's defaults for skipped spikes).
+_LEVEL_SPIKES = 3
+_LEVEL_SPREAD = 10.0
+
+#: A gradient norm at most this quantile of the last ``_RANGE_STEPS`` accepted norms is
+#: never a spike: a run whose norms are pinned at a ceiling (the user's own
+#: ``clip_grad_norm_``) returns to it without being an outlier.
+_RANGE_QUANTILE = 0.9
+_RANGE_STEPS = 32
+
+
+def _step_noise(spread: float, moves: RobustWindow) -> float:
+    """The step-to-step noise: the robust spread of the successive differences, and at
+    least that of the moves that were moves (non-zero differences), each over sqrt(2) (a
+    difference of two values). For continuous data both are the same; for a signal that
+    mostly stands still (clipped at a ceiling, quantised) the first collapses to 0 and the
+    second is the size of its steps."""
+    sizes = MAD_TO_STD * moves.median() if moves.values else 0.0
+    return max(spread, sizes) / math.sqrt(2)
 
 
 #: The local level is the median of this many last accepted values...
@@ -83,16 +105,28 @@ class _Signal:
         self.raw = RobustWindow(size)
         self.diffs = RobustWindow(max(size - 1, 1))
         self.log_diffs = RobustWindow(max(size - 1, 1))
+        # the sizes of the differences in the window that are moves (non-zero): the noise
+        # of a signal that mostly stands still (clipped or quantised) is the size of its steps
+        self.moves = RobustWindow(size)
+        self.log_moves = RobustWindow(size)
         self.non_positive = 0  # values <= 0 in the window: the log scale cannot hold them
 
     def append(self, x: float) -> None:
         values = self.raw.values
         if values:
             last = values[-1]
-            self.diffs.append(x - last)
             # a non-positive neighbour has no log: the window is on the raw scale while it
             # holds one, and this placeholder leaves the window with it
-            self.log_diffs.append(math.log(x / last) if x > 0 and last > 0 else 0.0)
+            log_diff = math.log(x / last) if x > 0 and last > 0 else 0.0
+            for diffs, moves, diff in (
+                (self.diffs, self.moves, x - last),
+                (self.log_diffs, self.log_moves, log_diff),
+            ):
+                if len(diffs.values) == diffs.size and diffs.values[0] != 0.0:
+                    moves.discard(abs(diffs.values[0]))  # it leaves the window
+                diffs.append(diff)
+                if diff != 0.0:
+                    moves.append(abs(diff))
         if len(values) == self.raw.size and values[0] <= 0:
             self.non_positive -= 1
         self.raw.append(x)
@@ -108,11 +142,15 @@ class _Signal:
         self.raw.clear()
         self.diffs.clear()
         self.log_diffs.clear()
+        self.moves.clear()
+        self.log_moves.clear()
         self.non_positive = 0
 
 
 class SpikeGuard:
-    """Skip steps whose loss or total gradient norm is a robust-z outlier.
+    """Skip steps whose loss or total gradient norm is a robust-z outlier (with a clip
+    policy on, clip a gradient-norm outlier back to its level unless it is far above it:
+    ``clip_within``).
 
     Defaults and why: ``window_steps=128`` is OLMo-core's. The statistic and
     ``z_threshold=12`` were chosen on the loss and gradient-norm series of the do-no-harm
@@ -159,6 +197,11 @@ class SpikeGuard:
         scale: ``"auto"`` (default: the log scale while the window and the value are
             positive, the raw scale otherwise), ``"log"`` (the same: a non-positive
             value or window falls back to the raw scale) or ``"linear"`` (always raw).
+        clip_within: with a clip policy on, a gradient-norm spike (the loss ordinary) up
+            to ``clip_within`` times the norm's :meth:`level` is clipped back to the
+            level; one above it is skipped (default 10.0, the emergency clip's ratio: a
+            norm 10x the run's level is no noisy batch but a broken one; ``>= 1``;
+            ``math.inf``: always clip). See :meth:`skip_bound`.
     """
 
     name = "spike"
@@ -172,6 +215,7 @@ class SpikeGuard:
         watch_grad_norm: bool = True,
         early_ratio: float | None = 100.0,
         scale: str = "auto",
+        clip_within: float = 10.0,
     ) -> None:
         self.window_steps = check_int("window_steps", window_steps, minimum=8)
         self.z_threshold = check_float("z_threshold", z_threshold, minimum=0.0, inclusive_min=False)
@@ -195,10 +239,12 @@ class SpikeGuard:
             else check_float("early_ratio", early_ratio, minimum=1.0, inclusive_min=False)
         )
         self.scale = check_choice("scale", scale, _SCALES)
+        self.clip_within = check_float("clip_within", clip_within, minimum=1.0, allow_inf=True)
         self._signals = {
             "loss": _Signal(self.window_steps),
             "grad_norm": _Signal(self.window_steps),
         }
+        self._clipped: list[float] = []  # the norms of the current run of clipped spikes
 
     def bound(self, signal: str) -> float | None:
         """The value above which ``signal`` (``"loss"`` or ``"grad_norm"``) is a spike now,
@@ -209,12 +255,38 @@ class SpikeGuard:
             level, spread = self._level_and_spread(window)
             if self._on_log_scale(window):
                 exponent = level + self.z_threshold * spread
-                return math.exp(exponent) if exponent < 709.0 else math.inf
-            return level + self.z_threshold * spread
+                bound = math.exp(exponent) if exponent < 709.0 else math.inf
+            else:
+                bound = level + self.z_threshold * spread
+            if signal == "grad_norm":  # a norm the run has just been at is no spike
+                recent = sorted(list(window.raw.values)[-_RANGE_STEPS:])
+                bound = max(bound, recent[int(_RANGE_QUANTILE * (len(recent) - 1))])
+            return bound
         median = window.raw.median()
         if self.early_ratio is not None and n >= 3 and median > 0:
             return self.early_ratio * median
         return None
+
+    def skip_bound(self, signal: str) -> float | None:
+        """The value above which a spike of ``signal`` is skipped where gradient-norm spikes
+        are clipped: the larger of :meth:`bound` and ``clip_within`` times :meth:`level`
+        (``None`` while no rule is active)."""
+        bound, level = self.bound(signal), self.level(signal)
+        if bound is None or level is None:
+            return bound
+        return max(bound, self.clip_within * level)
+
+    def level(self, signal: str) -> float | None:
+        """The signal's level now (raw scale): the local level the robust rule measures
+        from, or the median of the window before ``min_history`` (``None`` while fewer than
+        3 values are in it). A gradient-norm spike clipped instead of skipped is clipped to
+        it."""
+        window = self._signals[signal]
+        n = len(window.raw.values)
+        if n >= self.min_history:
+            level, _ = self._level_and_spread(window)
+            return math.exp(level) if self._on_log_scale(window) else level
+        return window.raw.median() if n >= 3 else None
 
     def evidence(self, signal: str, value: float) -> dict[str, float]:
         """Why ``value`` crosses :meth:`bound` now, as numbers: its robust z-score and the
@@ -247,15 +319,38 @@ class SpikeGuard:
         if self._on_log_scale(window):
             drift, spread, _ = window.log_diffs.robust()
             level = window.level(True) + _LEVEL_LAG * drift
-            return level, max(spread / math.sqrt(2), _LOG_FLOOR)
+            return level, max(_step_noise(spread, window.log_moves), _LOG_FLOOR)
         drift, spread, _ = window.diffs.robust()
         level = window.level(False) + _LEVEL_LAG * drift
-        return level, max(spread / math.sqrt(2), _RELATIVE_FLOOR * abs(level), 1e-12)
+        noise = _step_noise(spread, window.moves)
+        return level, max(noise, _RELATIVE_FLOOR * abs(level), 1e-12)
 
     def observe(self, numbers: StepNumbers) -> None:
-        """Append an accepted step's values to the windows (a non-finite value never enters)."""
-        if numbers.is_accepted:
-            self._append(numbers)
+        """Append an accepted step's values to the windows (a non-finite value never enters).
+
+        A gradient norm above the bound on an accepted step was a spike the pipeline clipped
+        instead of skipping (a clip policy is on): it stays out of the gradient-norm window,
+        as a skipped one does, so that spikes never make the yardstick; its loss enters. A
+        few such spikes in a row at one level (:data:`_LEVEL_SPIKES`, within a factor of
+        :data:`_LEVEL_SPREAD`) are the norm's new level: the window restarts from them.
+        """
+        if not numbers.is_accepted:
+            return
+        norm = numbers.grad_norm
+        bound = self.bound("grad_norm") if self.watch_grad_norm else None
+        if bound is not None and math.isfinite(norm) and norm > bound:
+            self._clipped.append(norm)
+            self._append(numbers, grad_norm=False)
+            norms = self._clipped[-_LEVEL_SPIKES:]
+            if len(norms) == _LEVEL_SPIKES and min(norms) > 0:
+                if max(norms) <= _LEVEL_SPREAD * min(norms):
+                    self._signals["grad_norm"].clear()
+                    for value in norms:
+                        self._signals["grad_norm"].append(value)
+                    self._clipped = []
+            return
+        self._clipped = []
+        self._append(numbers)
 
     def rebase(self, level: Sequence[StepNumbers]) -> None:
         """Restart the windows from ``level`` (the values of a new level, rejected so far)."""
@@ -263,8 +358,10 @@ class SpikeGuard:
         for numbers in level:
             self._append(numbers)
 
-    def _append(self, numbers: StepNumbers) -> None:
+    def _append(self, numbers: StepNumbers, grad_norm: bool = True) -> None:
         for signal, value in (("loss", numbers.loss), ("grad_norm", numbers.grad_norm)):
+            if signal == "grad_norm" and not grad_norm:
+                continue
             if value is not None and self.watches(signal) and math.isfinite(value):
                 self._signals[signal].append(value)
 
@@ -272,17 +369,21 @@ class SpikeGuard:
         """Forget the history: the guard warms up again."""
         for window in self._signals.values():
             window.clear()
+        self._clipped = []
 
     def _on_log_scale(self, window: _Signal) -> bool:
         return self.scale != "linear" and window.non_positive == 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Both windows (raw values), as NaN-padded ring buffers (CPU float64) and counts."""
+        """Both windows (raw values), as NaN-padded ring buffers (CPU float64) and counts, and
+        the norms of a run of clipped spikes under way (``clipped_norms``)."""
         state: dict[str, Any] = {}
         for name, window in self._signals.items():
             count = window.raw.count
             state[name] = window.raw.ring() if count else None
             state[f"{name}_count"] = count if count else None
+        if self._clipped:  # only while a run of clipped spikes is under way
+            state["clipped_norms"] = list(self._clipped)
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -295,6 +396,7 @@ class SpikeGuard:
             for value in raw.values:
                 window.append(value)
             window.raw.count = raw.count
+        self._clipped = [float(v) for v in state_dict.get("clipped_norms", [])]
 
     def watches(self, signal: str) -> bool:
         """Whether ``signal`` (``"loss"`` or ``"grad_norm"``) is tested."""
@@ -305,5 +407,5 @@ class SpikeGuard:
             f"SpikeGuard(window_steps={self.window_steps}, z_threshold={self.z_threshold:g}, "
             f"min_history={self.min_history}, early_ratio={self.early_ratio!r}, "
             f"watch_loss={self.watch_loss}, watch_grad_norm={self.watch_grad_norm}, "
-            f"scale={self.scale!r})"
+            f"scale={self.scale!r}, clip_within={self.clip_within:g})"
         )

@@ -132,6 +132,13 @@ class ZScoreClip(HistoryClip):
         z = (norm - self.mean) / (std + self.eps)
         return (self.mean + (self.z_thresh * std) / (z / self.z_thresh)) * self.clip_factor
 
+    def clips_above(self) -> float:
+        """The norm above which the next step is clipped (``inf`` while warming up): what
+        ``stats()["clip_threshold"]`` shows between clipped steps."""
+        if not self.is_warm:
+            return self._not_clipping()
+        return float(self._bounded(self._spike_bound()))
+
     def max_norm(self, grad_norm: Num) -> Num:
         """The spike threshold on a spike, else ``inf``; clamped into ``[min_norm, max_norm]``."""
         if not self.is_warm:
