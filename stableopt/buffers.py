@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from stableopt._discovery import discovery_hook, modules_in_frames
-from stableopt.grad_norms import _norms_in_order, finite_flags
+from stableopt.grad_norms import _norms_in_order, finite_flags, replicated
 
 __all__ = [
     "NORM_STATS_RATIO",
@@ -343,7 +343,8 @@ class ModelBuffers:
             return ()
         suspects = [chosen[k] for k in (~flags).nonzero().flatten().tolist()]
         lives = [self.buffers[i].live for i in suspects]
-        exact = finite_flags([t for t in lives if t is not None])
+        with replicated():  # a rank's own buffers: no collective, whatever the step's
+            exact = finite_flags([t for t in lives if t is not None])
         return tuple(i for i, ok in zip(suspects, exact.tolist()) if not ok)
 
     @torch.inference_mode(False)

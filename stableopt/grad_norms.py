@@ -24,6 +24,10 @@ Distributed runs. Every collective of the module goes through :func:`_sum_over_r
   non-finite shards), so a NaN in any rank's shard is seen by every rank.
 * Flags that are themselves ``DTensor``\\ s (a unit-wise clip on sharded
   parameters) are made whole in :func:`read_host` before the host read.
+* Plain tensors that are partitions of one model over a process group (DeepSpeed ZeRO
+  hands the optimizer each rank's flat partition of the parameters, their gradients and
+  state): inside :func:`partitioned`, every plain tensor counts as a shard over that
+  group, exactly like a DTensor's local shard.
 
 So every flag the host reads is computed from identical inputs on every rank and
 every rank decides the same. Plain tensors (one process, DDP, whose gradients
@@ -35,6 +39,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -50,6 +57,7 @@ __all__ = [
     "finite_flags",
     "grad_stats",
     "non_finite_params",
+    "partitioned",
     "read_host",
     "scale_",
     "state_tensors",
@@ -57,6 +65,39 @@ __all__ = [
 
 #: Reduce over all ranks of the default process group.
 _WORLD = "world"
+
+#: The reduction key of plain tensors inside :func:`partitioned` (``None`` outside it).
+_PARTITION: ContextVar[Any] = ContextVar("stableopt_partition", default=None)
+
+
+@contextmanager
+def partitioned(group: Any) -> Iterator[None]:
+    """Treat every plain tensor as one rank's partition over ``group`` while inside.
+
+    For optimizers driven by a partitioning wrapper (DeepSpeed ZeRO): each rank holds a
+    disjoint slice of the parameters, gradients and state as plain tensors, so norms and
+    finite flags are summed over ``group`` (a process group; ``None``: the default one),
+    as for DTensor shards. Use it around the whole step, and check module buffers
+    (replicated, not partitioned) inside :func:`replicated`.
+    """
+    key: Any = _WORLD
+    if group is not None and dist.get_world_size(group) != dist.get_world_size():
+        key = (group,)
+    token = _PARTITION.set(key)
+    try:
+        yield
+    finally:
+        _PARTITION.reset(token)
+
+
+@contextmanager
+def replicated() -> Iterator[None]:
+    """Plain tensors are whole again inside (module buffers within a partitioned step)."""
+    token = _PARTITION.set(None)
+    try:
+        yield
+    finally:
+        _PARTITION.reset(token)
 
 
 @dataclass(frozen=True)
@@ -161,11 +202,15 @@ def _split_sharded(tensors: list[Tensor]) -> tuple[list[Tensor], dict[Any, list[
     (its local tensor is the whole value, the same on every rank).
     """
     dtensor = _dtensor_type()
+    partition = _PARTITION.get()
     plain: list[Tensor] = []
     sharded: dict[Any, list[Tensor]] = {}
     for tensor in tensors:
         if dtensor is None or not isinstance(tensor, dtensor):
-            plain.append(tensor)
+            if partition is not None:
+                sharded.setdefault(partition, []).append(tensor)
+            else:
+                plain.append(tensor)
             continue
         t: Any = tensor
         dims = [i for i, placement in enumerate(t.placements) if not placement.is_replicate()]
@@ -287,7 +332,8 @@ def finite_flags(tensors: list[Tensor]) -> Tensor:
     """
     if not tensors:
         return torch.ones(0, dtype=torch.bool)
-    sharded = _dtensor_type() is not None  # no DTensor exists before its module is loaded
+    # no DTensor exists before its module is loaded
+    sharded = _dtensor_type() is not None or _PARTITION.get() is not None
     local = [_local_of(t.detach()) for t in tensors] if sharded else [t.detach() for t in tensors]
     device = local[0].device
     out = torch.ones(len(tensors), dtype=torch.bool, device=device)
@@ -373,10 +419,11 @@ def _local_of(tensor: Tensor) -> Tensor:
 
 
 def _reduction_key(tensor: Tensor) -> Any:
-    """What a DTensor's local values are summed over (``_WORLD`` or mesh groups), or ``None``."""
+    """What a DTensor's local values, or a partition's, are summed over (``_WORLD`` or
+    process groups), or ``None``."""
     dtensor = _dtensor_type()
     if dtensor is None or not isinstance(tensor, dtensor):
-        return None
+        return _PARTITION.get()
     t: Any = tensor
     dims = [i for i, placement in enumerate(t.placements) if not placement.is_replicate()]
     if not dims:

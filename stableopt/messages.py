@@ -46,6 +46,8 @@ def skip_text(cause: SkipReason | None, data: Data, labels: Labels = {}) -> str:
         return f"the loss is NaN/Inf ({loss}) with finite gradients"
     if cause is SkipReason.AMP_OVERFLOW:
         return "GradScaler found Inf/NaN gradients at its scale (its own skip)"
+    if cause is SkipReason.ENGINE_OVERFLOW:
+        return "DeepSpeed found Inf/NaN in the gradients (its overflow check) and skipped the step"
     if cause is SkipReason.ABOVE_SKIP_LIMIT:
         return f"gradient norm {grad_norm:.4g} is above skip_above={data.get('skip_above')}"
     if cause is SkipReason.LOSS_SPIKE:

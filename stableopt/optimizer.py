@@ -24,6 +24,7 @@ update must wait for the verdict) or after it (a fused optimizer takes the skip 
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -39,11 +40,13 @@ from stableopt.accounting import Accounting
 from stableopt.buffers import ModelBuffers
 from stableopt.escalation import Escalation
 from stableopt.gate import Gate
-from stableopt.grad_norms import GradStats, grad_stats, non_finite_params
+from stableopt.grad_norms import GradStats, grad_stats, non_finite_params, partitioned
 from stableopt.inner_update import InnerUpdate
 from stableopt.ledger import Ledger
 from stableopt.lr_control import LRControl
 from stableopt.monitor import Event, Monitor
+from stableopt.outcomes import SkipReason
+from stableopt.partitions import Partitions
 from stableopt.recommend import Recommendation
 from stableopt.registry import resolve_clip, resolve_list, resolve_stage
 from stableopt.rerun import Rerun
@@ -235,6 +238,9 @@ class SafeOptimizer(Optimizer):
         #: or the first forward pass.
         self.model_buffers = ModelBuffers()
         self.model_buffers.discover(p for group in optimizer.param_groups for p in group["params"])
+        #: Whether the step sees ZeRO partitions (:mod:`stableopt.partitions`).
+        self.partitions = Partitions(p for group in optimizer.param_groups for p in group["params"])
+        self.partitions.set_groups(len(optimizer.param_groups))
         slots = self.slots
         self.gate = Gate(slots.clip, slots.emergency_clip, slots.spike, slots.skip_rules)
         self.inner = InnerUpdate(optimizer)
@@ -308,6 +314,7 @@ class SafeOptimizer(Optimizer):
         self.optimizer.add_param_group(param_group)
         self._is_verified = False  # the next step checks the new group and takes a snapshot
         self.model_buffers.discover(self.param_groups[-1]["params"])
+        self.partitions.add(self.param_groups[-1]["params"], len(self.param_groups))
 
     def watch(self, *modules: torch.nn.Module) -> None:
         """Put back the buffers of ``modules`` too when a step does not update.
@@ -364,10 +371,42 @@ class SafeOptimizer(Optimizer):
                 loss = closure()
         step = self.accounting.begin_step()
         self.model_buffers.settle()
+        zero = self.partitions.of_step(self.param_groups, self)
+        if zero is not None and _clips_in_place(self.clip):
+            raise ValueError(
+                f"clip={self.clip!r} clips unit by unit, which cannot work under DeepSpeed ZeRO: "
+                "the optimizer steps flat partitions of the parameters, not their rows. Use a "
+                "total-norm clip ('auto', a number, 'zscore', 'percentile') with ZeRO"
+            )
         try:
-            return self._step(step, closure, loss, rng)
+            if zero is None:
+                return self._step(step, closure, loss, rng)
+            with partitioned(zero.group):  # ZeRO: statistics over every rank's partition
+                return self._step(step, closure, loss, rng)
         finally:
             # what a step leaves is what the next one puts back if it does not update
+            self.model_buffers.keep()
+            self.model_buffers.arm()
+
+    def skipped_by_engine(self) -> None:
+        """Count a step that DeepSpeed's ZeRO optimizer skipped before calling ``step()``
+        (its overflow check found Inf/NaN in the gradients): one skipped step, told, with
+        the step's loss, and the model's buffers put back. Called on every rank (the
+        check is global), after the wrapper's ``step()`` returns (:mod:`stableopt.partitions`).
+        """
+        step = self.accounting.begin_step()
+        self.model_buffers.settle()
+        zero = self.partitions.found
+        try:
+            with partitioned(zero.group if zero is not None else None):
+                stats = grad_stats([], None, loss=self._step_loss(None))
+            loss = float(stats.loss) if stats.loss is not None else None
+            verdict = StepVerdict(step, math.nan, loss, False, SkipReason.ENGINE_OVERFLOW)
+            self.last_verdict = verdict
+            tag = self.ledger.take_tag() if self.ledger is not None else None
+            self.response.respond(verdict, weights_checked_after_updates=True, tag=tag)
+            self.monitor.end_step(self.stats)
+        finally:
             self.model_buffers.keep()
             self.model_buffers.arm()
 

@@ -37,6 +37,9 @@ class SkipReason(str, Enum):
     NORM_STATS_SPIKE = "norm_stats_spike"
     #: A skip rule of yours (``SafeOptimizer(skip_rules=...)``) put a bound the step crossed.
     RULE = "rule"
+    #: DeepSpeed's ZeRO optimizer found Inf/NaN in the gradients (its overflow check, with or
+    #: without a loss scale) and did not call the step: no update ran on any rank.
+    ENGINE_OVERFLOW = "engine_overflow"
 
 
 class EventKind(str, Enum):

@@ -718,7 +718,11 @@ def _steps_undone(rollbacks: Sequence[Event]) -> list[float]:
 def _is_non_finite(event: Event) -> bool:
     """A step skipped for NaN/Inf in its loss or gradients (a rollback: one that followed a
     run of such steps; a rollback for non-finite weights is the weights, not the inputs)."""
-    if _failed_for(event) in (SkipReason.NONFINITE_GRADS, SkipReason.NONFINITE_LOSS):
+    if _failed_for(event) in (
+        SkipReason.NONFINITE_GRADS,
+        SkipReason.NONFINITE_LOSS,
+        SkipReason.ENGINE_OVERFLOW,
+    ):
         return True
     grad_norm = event.data.get("grad_norm")
     return event.kind == EventKind.SKIP and grad_norm is not None and not math.isfinite(grad_norm)

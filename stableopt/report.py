@@ -404,6 +404,7 @@ def _draw_markers(panels: Sequence[Any], strip: Any, categories: dict[str, list[
 _SKIP_MARKERS = {
     SkipReason.NONFINITE_GRADS: "nonfinite_skip",
     SkipReason.NONFINITE_LOSS: "nonfinite_skip",
+    SkipReason.ENGINE_OVERFLOW: "nonfinite_skip",
     SkipReason.LOSS_SPIKE: "spike_skip",
     SkipReason.GRAD_NORM_SPIKE: "spike_skip",
     SkipReason.NORM_STATS_SPIKE: "spike_skip",

@@ -134,6 +134,11 @@ class Response:
         if verdict.skip_reason is SkipReason.AMP_OVERFLOW and verdict.weights_ok is not False:
             accounting.scaler_skip()  # GradScaler's own dynamics: no streak, no cut, no history
             return self._outcome(verdict, "skipped", evidence)
+        if verdict.skip_reason is SkipReason.ENGINE_OVERFLOW:
+            # DeepSpeed skipped it before us (on every rank): a skipped step, told; its
+            # loss scale's dynamics or a NaN we never saw, so no streak and no cut
+            accounting.skipped(evidence)
+            return self._outcome(verdict, "skipped", evidence)
         if not verdict.is_accepted and slots.ledger is not None and slots.ledger.is_known_bad(tag):
             accounting.data_fault(evidence, tag, slots.ledger.first_failure(tag))
             return self._outcome(verdict, "skipped", evidence)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import socket
 import time
@@ -44,6 +45,16 @@ def free_port() -> int:
 def _entry(rank: int, world_size: int, port: int, name: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # what DeepSpeed reads besides the process group this sets up (CPU accelerator)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_SIZE=str(world_size),
+        DS_ACCELERATOR="cpu",
+    )
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -557,4 +568,132 @@ def fsdp(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
     }
 
 
-WORKERS: dict[str, Callable[[int, int, Path], Any]] = {"ddp": ddp, "fsdp": fsdp}
+# -- DeepSpeed ZeRO ------------------------------------------------------------------------
+
+#: ZeRO runs: the step of the x1e4 batch on rank 1, of the NaN target on rank 0, and of the
+#: update that writes a NaN into rank 1's partition (a separate run).
+ZERO_STEPS, ZERO_SPIKE, ZERO_NAN, ZERO_CORRUPT = 40, 12, 22, 18
+
+
+def _zero_batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch(step, seed=rank)
+    if step == ZERO_SPIKE and rank == 1:
+        y = y * 1e4  # a x1e4 batch (its targets): a loss spike of the mean loss
+    if step == ZERO_NAN and rank == 0:
+        y = y.clone()
+        y[0, 0] = math.nan
+    return x, y
+
+
+def _zero_run(rank: int, stage: int, corrupt: bool) -> dict[str, Any]:
+    """One ZeRO run of ``ZERO_STEPS`` steps with SafeOptimizer as the client optimizer."""
+    import deepspeed
+
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = SafeOptimizer(inner)
+    now = {"step": 0}
+
+    def corrupt_update(optimizer: Any, *_: Any) -> None:  # a bad update on rank 1's shard
+        if corrupt and rank == 1 and now["step"] == ZERO_CORRUPT:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = math.nan
+
+    inner.register_step_post_hook(corrupt_update)
+    config = {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    decisions = []
+    for step in range(1, ZERO_STEPS + 1):
+        now["step"] = step
+        x, y = _zero_batch(step, rank) if not corrupt else batch(step, seed=rank)
+        loss = nn.functional.mse_loss(engine(x), y)
+        opt.observe_loss(loss)
+        engine.backward(loss)
+        before = opt.stats()["steps"]
+        engine.step()
+        verdict = opt.last_verdict
+        assert verdict is not None and opt.stats()["steps"] == before + 1
+        decisions.append(
+            (
+                step,
+                engine.was_step_applied(),
+                verdict.is_accepted,
+                str(verdict.skip_reason),
+                verdict.clip_coefficient,
+                verdict.grad_norm,
+                verdict.loss,
+                verdict.weights_ok,
+                verdict.bad_params,
+            )
+        )
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        weights = [p.detach().clone() for p in model.parameters()]
+    stats = opt.stats()
+    events = [(e.step, str(e.kind), str(e.cause)) for e in opt.events()]
+    return {
+        "decisions": decisions,
+        "weights": weights,
+        "stats": {k: stats[k] for k in ("steps", "good_steps", "skipped_steps", "rollbacks")},
+        "events": events,
+        "engine_skipped": engine.skipped_steps,
+        "engine_steps": engine.global_steps,
+    }
+
+
+def zero_reference() -> dict[str, Any]:
+    """One process, the same global batch (both ranks' samples) and faults."""
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+    decisions = []
+    for step in range(1, ZERO_STEPS + 1):
+        parts = [_zero_batch(step, rank) for rank in range(2)]
+        x = torch.cat([p[0] for p in parts])
+        y = torch.cat([p[1] for p in parts])
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.observe_loss(loss)
+        loss.backward()
+        opt.step()
+        verdict = opt.last_verdict
+        assert verdict is not None
+        decisions.append((step, verdict.is_accepted, str(verdict.skip_reason)))
+    return {"decisions": decisions, "weights": [p.detach().clone() for p in model.parameters()]}
+
+
+def _zero_agc(rank: int) -> str:
+    """A unit-wise clip under ZeRO: refused at the first step, naming it."""
+    import deepspeed
+
+    model = make_model()
+    opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), clip="agc")
+    config = {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    x, y = batch(1, seed=rank)
+    engine.backward(nn.functional.mse_loss(engine(x), y))
+    try:
+        engine.step()
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def zero(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
+    runs: dict[str, Any] = {
+        f"stage{stage}-{kind}": _zero_run(rank, stage, kind == "corrupt")
+        for stage in (1, 2, 3)
+        for kind in ("faults", "corrupt")
+    }
+    runs["agc"] = _zero_agc(rank)
+    return runs
+
+
+WORKERS: dict[str, Callable[[int, int, Path], Any]] = {"ddp": ddp, "fsdp": fsdp, "zero": zero}

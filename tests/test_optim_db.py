@@ -224,3 +224,26 @@ def test_every_optimizer_and_input_of_optim_db(
         snapshot(bare_resumed, bare_problem.params), snapshot(safe_resumed, safe_problem.params)
     )
     assert safe_resumed.stats()["steps"] == STEPS
+
+
+LBFGS_CASES = [case for case in CASES if case.values[0] is torch.optim.LBFGS]
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "impl", "layout", "dtype"), LBFGS_CASES)
+def test_lbfgs_under_the_defaults_is_the_bare_lbfgs(
+    cls: type, kwargs: dict[str, Any], impl: str, layout: str, dtype: torch.dtype
+) -> None:
+    """A line search over full-batch gradients whose norm falls toward convergence: nothing
+    of it is an outlier, so the defaults (no clip, no spike guard for LBFGS) step as bare
+    LBFGS does, bit for bit, and count no intervention."""
+    problem = Problem(dtype, layout)
+    bare_problem, safe_problem = problem.twin(), problem.twin()
+    bare = build(cls, kwargs, impl, bare_problem.params)
+    safe = SafeOptimizer(build(cls, kwargs, impl, safe_problem.params))
+    for step in range(1, 61):  # to convergence: the norm falls by orders of magnitude
+        run_step(bare, bare_problem, step)
+        run_step(safe, safe_problem, step)
+        assert same(snapshot(bare, bare_problem.params), snapshot(safe, safe_problem.params)), step
+    stats = safe.stats()
+    counted = ("skipped_steps", "total_clips", "emergency_clips", "rollbacks", "lr_changes")
+    assert {key: stats[key] for key in counted} == dict.fromkeys(counted, 0), safe.events()
