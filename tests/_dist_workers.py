@@ -686,6 +686,32 @@ def _zero_agc(rank: int) -> str:
     return ""
 
 
+def _zero_clipped(rank: int, ours: bool) -> list[torch.Tensor]:
+    """Stage 2 at a norm that clips every step: DeepSpeed's ``gradient_clipping`` with
+    plain AdamW, or ours (``clip=c``, DeepSpeed's off)."""
+    import deepspeed
+
+    model = make_model()
+    inner = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = SafeOptimizer(inner, clip=ZERO_CLIP) if ours else inner
+    config = {
+        "train_micro_batch_size_per_gpu": 16,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": 0.0 if ours else ZERO_CLIP,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    for step in range(1, 11):
+        x, y = batch(step, seed=rank)
+        engine.backward(nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+#: A clip norm below every step's gradient norm in :func:`_zero_clipped`.
+ZERO_CLIP = 0.05
+
+
 def zero(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
     runs: dict[str, Any] = {
         f"stage{stage}-{kind}": _zero_run(rank, stage, kind == "corrupt")
@@ -693,6 +719,8 @@ def zero(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
         for kind in ("faults", "corrupt")
     }
     runs["agc"] = _zero_agc(rank)
+    runs["clip-deepspeed"] = _zero_clipped(rank, ours=False)
+    runs["clip-ours"] = _zero_clipped(rank, ours=True)
     return runs
 
 

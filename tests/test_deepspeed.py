@@ -107,3 +107,14 @@ def test_a_unit_wise_clip_is_refused_naming_it(zero: list[dict[str, Any]]) -> No
     for rank in zero:
         assert rank["agc"].startswith("clip=AGCClip(")
         assert "DeepSpeed ZeRO" in rank["agc"]
+
+
+def test_our_clip_is_deepspeeds_gradient_clipping_at_the_same_norm(
+    zero: list[dict[str, Any]],
+) -> None:
+    """One coefficient for the whole model, from the norm over every rank's partition: the
+    run clipped by SafeOptimizer(clip=c) is the run clipped by DeepSpeed's
+    gradient_clipping=c (both clip every step here)."""
+    for rank in zero:
+        for ours, theirs in zip(rank["clip-ours"], rank["clip-deepspeed"]):
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
