@@ -708,6 +708,49 @@ def _zero_clipped(rank: int, ours: bool) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
 
+def _zero_resume(rank: int, stage: int, out_dir: Path) -> dict[str, Any]:
+    """Train 12 steps, ``engine.save_checkpoint``, train 8 more; then a fresh engine loads the
+    checkpoint and trains the same 8: the two must end alike (a skip and a spike included)."""
+    import deepspeed
+
+    def build() -> tuple[Any, SafeOptimizer, nn.Module]:
+        model = make_model()
+        opt = SafeOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2))
+        config = {
+            "train_micro_batch_size_per_gpu": 16,
+            "zero_optimization": {"stage": stage},
+            "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0,
+        }
+        engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+        return engine, opt, model
+
+    def train(engine: Any, opt: SafeOptimizer, steps: range) -> None:
+        for step in steps:
+            x, y = _zero_batch(step, rank)
+            loss = nn.functional.mse_loss(engine(x), y)
+            opt.observe_loss(loss)
+            engine.backward(loss)
+            engine.step()
+
+    def weights(model: nn.Module) -> list[torch.Tensor]:
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            return [p.detach().clone() for p in model.parameters()]
+
+    checkpoint = out_dir / f"zero{stage}"
+    engine, opt, model = build()
+    train(engine, opt, range(1, ZERO_SPIKE + 1))  # the spike is the last step saved
+    engine.save_checkpoint(str(checkpoint), tag="t")
+    train(engine, opt, range(ZERO_SPIKE + 1, ZERO_NAN + 3))
+    straight = (weights(model), opt.stats()["steps"], opt.stats()["skipped_steps"])
+    engine, opt, model = build()
+    engine.load_checkpoint(str(checkpoint), tag="t")
+    resumed_at = opt.stats()["steps"]
+    train(engine, opt, range(ZERO_SPIKE + 1, ZERO_NAN + 3))
+    resumed = (weights(model), opt.stats()["steps"], opt.stats()["skipped_steps"])
+    return {"straight": straight, "resumed": resumed, "resumed_at": resumed_at}
+
+
 #: A clip norm below every step's gradient norm in :func:`_zero_clipped`.
 ZERO_CLIP = 0.05
 
@@ -721,6 +764,8 @@ def zero(rank: int, world_size: int, out_dir: Path) -> dict[str, Any]:
     runs["agc"] = _zero_agc(rank)
     runs["clip-deepspeed"] = _zero_clipped(rank, ours=False)
     runs["clip-ours"] = _zero_clipped(rank, ours=True)
+    for stage in (1, 2, 3):
+        runs[f"resume{stage}"] = _zero_resume(rank, stage, out_dir)
     return runs
 
 

@@ -118,3 +118,21 @@ def test_our_clip_is_deepspeeds_gradient_clipping_at_the_same_norm(
     for rank in zero:
         for ours, theirs in zip(rank["clip-ours"], rank["clip-deepspeed"]):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_resume_through_the_engines_checkpoint_is_exact(
+    zero: list[dict[str, Any]], stage: int
+) -> None:
+    """engine.save_checkpoint stores each rank's SafeOptimizer state dict (its "stableopt"
+    entry included) and load_checkpoint gives it back: the resumed run continues as the
+    straight one, counters included."""
+    for rank in zero:
+        run = rank[f"resume{stage}"]
+        (straight, steps, skipped), (resumed, steps_after, skipped_after) = (
+            run["straight"],
+            run["resumed"],
+        )
+        assert run["resumed_at"] == workers.ZERO_SPIKE
+        assert (steps_after, skipped_after) == (steps, skipped)
+        assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
