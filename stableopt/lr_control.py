@@ -65,6 +65,18 @@ class LRControl:
         """The LR an update with the scheduled LR ``scheduled`` uses."""
         return effective_lr(scheduled, self.factor, *self.bounds())
 
+    def before_update(self, scheduled: list[float]) -> list[LRChange]:
+        """Give the policies that decide before the update (a ``before_update`` method, as
+        :class:`~stableopt.stages.lr_burst.LRBurst`) the groups' scheduled LRs; their changes."""
+        changes = []
+        for policy in self.extra:
+            decide = getattr(policy, "before_update", None)
+            if decide is not None:
+                change = decide(scheduled)
+                if change is not None:
+                    changes.append(change)
+        return changes
+
     def observe(self, numbers: StepNumbers) -> list[LRChange]:
         """Hand the step's numbers to the policies of ``lr_policies``; their changes."""
         changes = []

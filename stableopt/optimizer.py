@@ -414,6 +414,10 @@ class SafeOptimizer(Optimizer):
         tag = self.ledger.take_tag() if self.ledger is not None else None
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         grads = [p.grad for p in params]
+        if self.lr_control.extra:  # policies that look at the schedule before the update
+            scheduled = [float(group["lr"]) for group in self.param_groups]
+            for change in self.lr_control.before_update(scheduled):
+                self.accounting.lr_changed(change)
         if not self._is_verified:
             self._verify_start(step - 1)
         amp_scale, amp_found_inf = self.inner.amp_inputs(

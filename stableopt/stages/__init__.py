@@ -30,6 +30,7 @@ from stableopt.stages.clip import FixedClip
 from stableopt.stages.emergency_clip import EmergencyClip
 from stableopt.stages.emergency_lr import EmergencyLR
 from stableopt.stages.hot_lr import HotLR
+from stableopt.stages.lr_burst import LRBurst
 from stableopt.stages.percentile import PercentileClip
 from stableopt.stages.plateau import PlateauLR
 from stableopt.stages.rollback import Rollback
@@ -43,6 +44,7 @@ __all__ = [
     "EmergencyLR",
     "FixedClip",
     "HotLR",
+    "LRBurst",
     "PercentileClip",
     "PlateauLR",
     "Rollback",
