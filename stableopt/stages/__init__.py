@@ -1,7 +1,8 @@
 """The stages of the step pipeline, each a small object with its own state.
 
 - **clip policy**: the largest total norm allowed this step:
-  [`ZScoreClip`][stableopt.stages.zscore.ZScoreClip] (the default),
+  [`OutlierClip`][stableopt.stages.clip.OutlierClip] (the default: only the run's outliers),
+  [`ZScoreClip`][stableopt.stages.zscore.ZScoreClip],
   [`PercentileClip`][stableopt.stages.percentile.PercentileClip],
   [`AGCClip`][stableopt.stages.agc.AGCClip] (unit-wise, in place),
   [`FixedClip`][stableopt.stages.clip.FixedClip];
@@ -13,6 +14,8 @@
   ([`EmergencyLR`][stableopt.stages.emergency_lr.EmergencyLR]);
 - **hot LR**: cut the LR (with a rollback) when the loss climbs far above where the
   run started ([`HotLR`][stableopt.stages.hot_lr.HotLR]);
+- **LR burst** (opt-in): hold back a scheduled LR far above every LR the run has used
+  ([`LRBurst`][stableopt.stages.lr_burst.LRBurst]);
 - **plateau LR**: lower the LR when the loss stalls
   ([`PlateauLR`][stableopt.stages.plateau.PlateauLR]);
 - **rollback**: snapshots, and restoring them
