@@ -139,19 +139,26 @@ def _held_out(
         model.train(was_training)
 
 
-def _lr_multiplier(schedule: str, steps: int) -> Callable[[int], float]:
-    """``LambdaLR``'s multiplier of step ``t`` (0-based) for ``schedule`` over ``steps`` steps."""
-    if schedule == "constant":
-        return lambda t: 1.0
+def _lr_multiplier(
+    schedule: str, steps: int, burst: tuple[float, float, float] | None = None
+) -> Callable[[int], float]:
+    """``LambdaLR``'s multiplier of step ``t`` (0-based) for ``schedule`` over ``steps`` steps
+    (``burst``: ``(start, length, factor)`` shares of the run where it is ``factor`` times that)."""
     warmup = max(1, steps // 20)
 
-    def cosine(t: int) -> float:
+    def base(t: int) -> float:
+        if schedule == "constant":
+            return 1.0
         if t < warmup:
             return (t + 1) / warmup
         progress = min(1.0, (t - warmup) / max(1, steps - warmup))
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return cosine
+    if burst is None:
+        return base
+    start, length, factor = burst
+    first, last = int(start * steps), int((start + length) * steps)
+    return lambda t: base(t) * (factor if first <= t < last else 1.0)
 
 
 def run_one(
@@ -173,7 +180,7 @@ def run_one(
     runner = method(model, family.lr * scenario.lr_factor, loss_module)
     # The user's schedule: stepped once per loop step, skipped steps included.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        runner.optimizer, _lr_multiplier(scenario.lr_schedule, steps)
+        runner.optimizer, _lr_multiplier(scenario.lr_schedule, steps, scenario.lr_burst)
     )
     runner.attach_scheduler(scheduler)
     schedule = scenario.schedule(steps, seed) if family.name in scenario.families else None

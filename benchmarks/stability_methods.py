@@ -26,6 +26,7 @@ from benchmarks.stability_scenarios import _WeightedLoss
 from stableopt.loss import SafeLoss
 from stableopt.monitor import Monitor
 from stableopt.optimizer import SafeOptimizer
+from stableopt.stages.lr_burst import LRBurst
 from stableopt.stages.rollback import Rollback
 
 __all__ = [
@@ -289,6 +290,7 @@ ABLATIONS: tuple[type[_Runner], ...] = (
     _safe_variant("safe-check_weights_lazy", check_weights="lazy"),
     _safe_variant("safe-rollback_all", rollback=Rollback(scope="all")),
     _safe_variant("safe-rollback_every10", rollback=Rollback(every_steps=10)),
+    _safe_variant("safe-lr_burst", lr_policies=[LRBurst()]),
 )
 _ALL: tuple[type[_Runner], ...] = (*BASELINES, *PEERS, _Safe, *ABLATIONS)
 METHODS: dict[str, type[_Runner]] = {m.name: m for m in _ALL}

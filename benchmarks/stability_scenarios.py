@@ -161,6 +161,9 @@ class Scenario:
     #: ``(share, factor)``: from ``share`` of the run to its end the training loss is
     #: multiplied by ``factor`` (a re-weighting / curriculum stage); held-out loss unscaled
     loss_scale: tuple[float, float] | None = None
+    #: ``(start, length, factor)``: the scheduled LR times ``factor`` from ``start`` of the
+    #: run for ``length`` of it (a bug in a hand-written schedule)
+    lr_burst: tuple[float, float, float] | None = None
 
     def loss_weight(self, step: int, steps: int) -> float:
         """The training loss's multiplier at ``step`` (1 outside a ``loss_scale`` stage)."""
@@ -200,6 +203,11 @@ SCENARIOS: dict[str, Scenario] = {
             0.02,
         ),
         Scenario("lr_10x", "learning rate 10x too high", lr_factor=10.0),
+        Scenario(
+            "lr_burst_x100",
+            "the scheduled LR x100 for 5% of the run from its middle (a schedule bug)",
+            lr_burst=(0.5, 0.05, 100.0),
+        ),
         Scenario(
             "nan_weights",
             "an update writes NaN into one weight on 1% of steps (silent data corruption)",
