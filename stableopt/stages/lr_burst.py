@@ -9,14 +9,17 @@ can be caught there.
 
 Before each update the scheduled LR of every parameter group is compared with the largest
 LR that group has trained with so far (the LR actually used: the scheduled one times the
-factor). After ``min_steps`` steps, an LR more than ``ratio`` times that is held at it (the
+factor). Once the schedule has come down from its peak (a scheduled LR below the one before
+it, after ``min_steps`` steps: the warm-up is over, however it was shaped, a constant first
+epoch included), an LR more than ``ratio`` times that is held at it (the
 policy's factor scales it back) for up to ``hold_fraction`` of the steps run so far (at
 least ``min_hold``); if the schedule is still that high after the hold, the jump is taken as
 the schedule's intent (a constant warm-up followed by the real LR, a deliberate restart at a
 higher LR) and the LR is let up by at most 2x a step until it is within ``ratio`` of what
-the run has used. Schedules that never exceed their earlier LRs by ``ratio`` (linear
-warm-up over more than a few steps, cosine, step decay, SGDR warm restarts that return to
-the first peak, one-cycle) are never touched.
+the run has used. Schedules that never exceed their earlier LRs by ``ratio`` once they decay
+(warm-up of any shape, cosine, step decay, SGDR warm restarts that return to the first peak,
+one-cycle, cyclic) are never touched; a constant LR is never judged (a burst in a run that
+never decays is not caught).
 
 Opt-in: ``SafeOptimizer(inner, lr_policies=[LRBurst()])``.
 """
@@ -69,6 +72,8 @@ class LRBurst:
         self.held = 0  # steps held in the current burst
         self.letting_up = False  # the hold ran out: the jump is the schedule's
         self.used: list[float] = []  # the largest LR each group has trained with
+        self.previous: list[float] = []  # the scheduled LRs of the step before
+        self.decayed = False  # the schedule has come down once after min_steps
 
     def before_update(self, scheduled: Sequence[float]) -> LRChange | None:
         """Set the factor for the coming update from the groups' scheduled LRs; the change."""
@@ -76,12 +81,18 @@ class LRBurst:
         lrs = [float(lr) for lr in scheduled]
         if len(lrs) != len(self.used):  # a group added: its history starts now
             self.used = (self.used + lrs)[: len(lrs)]
+            self.previous = (self.previous + lrs)[: len(lrs)]
         self.steps += 1
+        if self.steps > self.min_steps and any(
+            lr < before for lr, before in zip(lrs, self.previous)
+        ):
+            self.decayed = True
+        self.previous = lrs
         excess = max(
             (lr / used for lr, used in zip(lrs, self.used) if used > 0 and math.isfinite(lr)),
             default=1.0,
         )
-        if self.steps <= self.min_steps or excess <= self.ratio:
+        if not self.decayed or excess <= self.ratio:
             self.factor, self.held, self.letting_up = 1.0, 0, False
         elif self.letting_up or self.held >= max(self.min_hold, self.hold_fraction * self.steps):
             self.letting_up = True
@@ -106,6 +117,8 @@ class LRBurst:
             "held": self.held,
             "letting_up": self.letting_up,
             "used": list(self.used),
+            "previous": list(self.previous),
+            "decayed": self.decayed,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -114,6 +127,8 @@ class LRBurst:
         self.held = int(state_dict["held"])
         self.letting_up = bool(state_dict["letting_up"])
         self.used = [float(x) for x in state_dict["used"]]
+        self.previous = [float(x) for x in state_dict.get("previous", self.used)]
+        self.decayed = bool(state_dict.get("decayed", True))
 
     def __repr__(self) -> str:
         return (
