@@ -195,7 +195,8 @@ class RecipeRun(ABC):
 
     @abstractmethod
     def held_out_loss(self) -> float:
-        """The recipe's loss on its fixed held-out set, in ``eval()`` mode."""
+        """The recipe's loss on its fixed held-out set (called by :meth:`evaluate`, which puts
+        the model in ``eval()`` mode under ``no_grad``)."""
 
     def clip_line(self, params: Iterable[Tensor]) -> None:
         """The recipe's ``clip_grad_norm_(params, clip)``, when kept; counts when it scales."""
@@ -205,10 +206,16 @@ class RecipeRun(ABC):
         self.own_clips += bool(norm > self.clip)  # a NaN norm does not count
 
     def evaluate(self) -> float:
-        """:meth:`held_out_loss` from a fixed RNG state, then back to the caller's."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.eval_seed)
-            return self.held_out_loss()
+        """:meth:`held_out_loss` in ``eval()`` mode, without gradients, from a fixed RNG state;
+        then the model's mode and the caller's RNG state back."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(self.eval_seed)
+                return self.held_out_loss()
+        finally:
+            self.model.train(was_training)
 
     def run(self, fault: str = "healthy", steps: int | None = None) -> RunOutcome:
         """Train for ``steps`` iterations (default the run's own), the batch fault

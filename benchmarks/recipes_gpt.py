@@ -274,13 +274,7 @@ class NanoGPTRun(RecipeRun):
         block = self.recipe.model.block_size
         starts = torch.linspace(0, len(held) - block - 1, self.recipe.held_out_windows).long()
         x, y, _ = self._windows(held, starts)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return float(self.model(x, y)[1])
-        finally:
-            self.model.train(was_training)
+        return float(self.model(x, y)[1])
 
 
 def build_nanogpt(

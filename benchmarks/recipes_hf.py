@@ -230,13 +230,7 @@ class HFRun(RecipeRun):
         block = self.recipe.block_size
         starts = torch.linspace(0, len(held) - block - 1, self.recipe.held_out_blocks).long()
         x = held[starts[:, None] + torch.arange(block)[None, :]]
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                return float(self.model(input_ids=x, labels=x).loss)
-        finally:
-            self.model.train(was_training)
+        return float(self.model(input_ids=x, labels=x).loss)
 
     # -- the whole run, through Trainer --------------------------------------------------
 

@@ -233,17 +233,8 @@ class ResNetRun(RecipeRun):
         return loss.detach()  # type: ignore[no-any-return]
 
     def held_out_loss(self) -> float:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                return float(
-                    nn.functional.cross_entropy(
-                        self.model(self.held_out.images), self.held_out.labels
-                    )
-                )
-        finally:
-            self.model.train(was_training)
+        logits = self.model(self.held_out.images)
+        return float(nn.functional.cross_entropy(logits, self.held_out.labels))
 
 
 def build_resnet(

@@ -219,14 +219,8 @@ class Seq2SeqRun(RecipeRun):
         lengths = torch.randint(r.min_chars, r.max_chars + 1, (r.held_out_chunks,), generator=g)
         starts = torch.linspace(0, len(held) - r.max_chars - 1, r.held_out_chunks).long()
         batch = _chunks(held, starts, lengths)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                log_probs, gold = self._forward(batch)
-                return float(F.nll_loss(log_probs, gold, ignore_index=PAD))
-        finally:
-            self.model.train(was_training)
+        log_probs, gold = self._forward(batch)
+        return float(F.nll_loss(log_probs, gold, ignore_index=PAD))
 
 
 def build_seq2seq(

@@ -213,14 +213,8 @@ class TacotronRun(RecipeRun):
 
     def held_out_loss(self) -> float:
         b = self.held_out
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                out = self.model(b.text, b.text_lengths, b.mels, b.mel_lengths)
-                return float(tacotron2_loss(out, b))
-        finally:
-            self.model.train(was_training)
+        out = self.model(b.text, b.text_lengths, b.mels, b.mel_lengths)
+        return float(tacotron2_loss(out, b))
 
 
 def build_tacotron(

@@ -239,8 +239,10 @@ class SafeOptimizer(Optimizer):
         self.model_buffers = ModelBuffers()
         self.model_buffers.discover(p for group in optimizer.param_groups for p in group["params"])
         #: Whether the step sees ZeRO partitions (:mod:`stableopt.partitions`).
-        self.partitions = Partitions(p for group in optimizer.param_groups for p in group["params"])
-        self.partitions.set_groups(len(optimizer.param_groups))
+        self.partitions = Partitions(
+            (p for group in optimizer.param_groups for p in group["params"]),
+            len(optimizer.param_groups),
+        )
         slots = self.slots
         self.gate = Gate(slots.clip, slots.emergency_clip, slots.spike, slots.skip_rules)
         self.inner = InnerUpdate(optimizer)

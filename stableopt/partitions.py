@@ -67,13 +67,18 @@ class ZeroPartitions:
 class Partitions:
     """Finds, once, whether the tensors a step sees are ZeRO partitions, and over what.
 
+    Decided once, at the first step that has parameters (a ZeRO optimizer takes the groups
+    over in ``deepspeed.initialize``, before any step): a step pays one dict read after that.
+
     Args:
         params: the parameters the optimizer was built with.
+        groups: how many parameter groups it was built with.
     """
 
-    def __init__(self, params: Iterable[Tensor]) -> None:
+    def __init__(self, params: Iterable[Tensor], groups: int) -> None:
         self._own = {id(p) for p in params}
-        self._groups_at_build = 0
+        self._groups_at_build = groups
+        self._decided = False
         self.found: ZeroPartitions | None = None
         self._per_group_said = False
         #: the ZeRO optimizer whose ``step`` calls ours (a weak reference), once found
@@ -84,22 +89,20 @@ class Partitions:
         self._own.update(id(p) for p in params)
         self._groups_at_build = groups
 
-    def set_groups(self, groups: int) -> None:
-        """How many parameter groups the optimizer was built with."""
-        self._groups_at_build = groups
-
     def of_step(self, param_groups: list[dict[str, Any]], owner: _Owner) -> ZeroPartitions | None:
         """The partitions of this step, or ``None`` where the tensors are whole (``owner``:
         the optimizer whose step this is; the ZeRO optimizer calling it is hooked once)."""
-        if self.found is not None:
-            self._say_per_group(param_groups)
+        if self._decided:
+            if self.found is not None:
+                self._say_per_group(param_groups)
             return self.found
+        tensors = [p for group in param_groups for p in group["params"]]
+        if not tensors:
+            return None  # decided at the first step that has parameters
+        self._decided = True
         if "deepspeed" not in sys.modules or not (dist.is_available() and dist.is_initialized()):
             return None
-        if dist.get_world_size() == 1:
-            return None
-        tensors = [p for group in param_groups for p in group["params"]]
-        if not tensors or all(id(p) in self._own for p in tensors):
+        if dist.get_world_size() == 1 or all(id(p) in self._own for p in tensors):
             return None
         group = _data_parallel_group()
         ranks = dist.get_world_size(group) if group is not None else dist.get_world_size()
